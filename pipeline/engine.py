@@ -1,0 +1,149 @@
+"""The engine facade: build stages, transport, draft and coordinator from a
+config, and generate. Everything above it (CLI, HTTP) talks only to this."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, GenerationConfig
+
+from draft_models import load_draft
+from pipeline.coordinator import Coordinator
+from pipeline.local_transport import LayerDelay, LocalTransport
+from pipeline.model_source import load_config, resolve_model
+from pipeline.partition import even_split
+from pipeline.speculation import SpeculationConfig
+from pipeline.stage import Stage
+from pipeline.stage_model import StageModel
+from pipeline.types import FinishEvent, GenerationRequest, GenerationStats, SamplingParams, TokenEvent
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str = "default"
+    draft: str = "none"
+    num_stages: int = 1
+    dtype: str = "float32"  # float32 on CPU keeps the split exact and is not slower here
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+
+@dataclass(slots=True)
+class GenerationOutput:
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    stats: GenerationStats
+
+
+class GenerationError(RuntimeError):
+    pass
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model_dir: Path, coordinator: Coordinator, stages: list[Stage]) -> None:
+        self.config = config
+        self.model_dir = model_dir
+        self.coordinator = coordinator
+        self.stages = stages
+        self.model_config = load_config(model_dir)
+        self.tokenizer = _load_tokenizer(model_dir)
+        self.eos_token_ids = _eos_token_ids(model_dir, self.model_config)
+
+    @classmethod
+    def load(cls, config: EngineConfig, *, layer_delay: LayerDelay | None = None, show_progress: bool = True) -> Engine:
+        model_dir = resolve_model(config.model, show_progress)
+        model_config = load_config(model_dir)
+        dtype = DTYPES[config.dtype]
+        ranges = even_split(model_config.num_hidden_layers, config.num_stages)
+        stages = []
+        for index, (start, end) in enumerate(tqdm(ranges, desc="loading stages", unit="stage", disable=not show_progress)):
+            model = StageModel.load(model_dir, start, end, with_embed=index == 0,
+                                    with_head=index == len(ranges) - 1, dtype=dtype)
+            stages.append(Stage(model, index))
+        draft = load_draft(config.draft, model_dir, dtype=dtype, show_progress=show_progress)
+        max_context = model_config.max_position_embeddings
+        coordinator = Coordinator(LocalTransport(stages, layer_delay), draft, config.speculation, max_context)
+        log.info("engine ready: %s, %d stage(s) %s, draft %s, mode %s", model_dir, len(stages), ranges,
+                 config.draft, config.speculation.mode.value)
+        return cls(config, model_dir, coordinator, stages)
+
+    def generate(self, request: GenerationRequest) -> Iterator[TokenEvent | FinishEvent]:
+        """Blocking stream of events; closing the iterator early aborts the request."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        seq_id = self.coordinator.submit(request, events.put)
+        finished = False
+        try:
+            while not finished:
+                event = events.get()
+                finished = isinstance(event, FinishEvent)
+                yield event
+        finally:
+            if not finished:
+                self.coordinator.abort(seq_id)
+
+    def complete(self, request: GenerationRequest) -> GenerationOutput:
+        token_ids: list[int] = []
+        for event in self.generate(request):
+            if isinstance(event, TokenEvent):
+                token_ids.extend(event.token_ids)
+            elif event.finish_reason == "error":
+                raise GenerationError(event.error)
+            else:
+                text = self.decode(token_ids) if self.tokenizer is not None else None
+                return GenerationOutput(token_ids, text, event.finish_reason, event.stats)
+        raise GenerationError("the stream ended without a finish event")
+
+    def complete_text(self, prompt: str, max_tokens: int, sampling: SamplingParams = SamplingParams(),
+                      ignore_eos: bool = False) -> GenerationOutput:
+        stop = frozenset() if ignore_eos else self.eos_token_ids
+        return self.complete(GenerationRequest(tuple(self.encode(prompt)), max_tokens, sampling, stop))
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise GenerationError(f"{self.model_dir} has no tokenizer: give token ids")
+        return self.tokenizer.encode(text, add_special_tokens=False) or [self.tokenizer.bos_token_id]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def close(self) -> None:
+        self.coordinator.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _load_tokenizer(model_dir: Path):
+    if not any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def _eos_token_ids(model_dir: Path, model_config) -> frozenset[int]:
+    eos = None
+    if (model_dir / "generation_config.json").exists():
+        eos = GenerationConfig.from_pretrained(model_dir, local_files_only=True).eos_token_id
+    if eos is None:
+        eos = model_config.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)

@@ -1,0 +1,221 @@
+"""Per-stage KV cache: a committed prefix plus one chunk per unverified run.
+
+Nothing unverified ever enters the committed part, so rollback is free:
+cancelling a run drops its chunk; committing folds the accepted head of a
+chunk into the committed buffers. A run attends over
+committed + its ancestors' chunks + its own tokens, which must be contiguous.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.types import CommitKV, FreeSequence, KVOp, Run
+
+
+class KVCacheError(RuntimeError):
+    """A run's context is not where it should be (stale or cancelled chain)."""
+
+
+@dataclass(slots=True)
+class RunChunk:
+    run_id: int
+    parent_run_id: int | None
+    start_pos: int
+    num_tokens: int
+    keys: list[torch.Tensor | None]  # per layer [1, kv_heads, num_tokens, d]
+    values: list[torch.Tensor | None]
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + self.num_tokens
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+
+
+class SequenceKV:
+    """KV of one sequence on one stage."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.committed_len = 0
+        # Buffers grow by doubling; only [:committed_len] along dim 2 is valid.
+        self._keys: list[torch.Tensor | None] = [None] * num_layers  # [1, kv_heads, capacity, d]
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+        self.chunks: dict[int, RunChunk] = {}
+
+    def begin_run(self, run: Run) -> RunKV:
+        ancestors = []
+        parent = run.parent_run_id
+        while parent is not None and parent in self.chunks:
+            ancestors.append(self.chunks[parent])
+            parent = self.chunks[parent].parent_run_id
+        ancestors.reverse()
+        covered = self.committed_len
+        for chunk in ancestors:
+            if chunk.start_pos != covered:
+                raise KVCacheError(f"run {run.run_id}: ancestor {chunk.run_id} starts at {chunk.start_pos}, context ends at {covered}")
+            covered = chunk.end_pos
+        if covered != run.start_pos:
+            raise KVCacheError(f"run {run.run_id} starts at {run.start_pos} but its context ends at {covered}")
+        chunk = RunChunk(run.run_id, run.parent_run_id, run.start_pos, len(run.token_ids),
+                         [None] * self.num_layers, [None] * self.num_layers)
+        self.chunks[run.run_id] = chunk
+        return RunKV(self, ancestors, chunk)
+
+    def committed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.committed_len == 0:
+            return None
+        n = self.committed_len
+        return self._keys[layer][:, :, :n], self._values[layer][:, :, :n]
+
+    def commit(self, run_id: int, num_tokens: int) -> None:
+        chunk = self.chunks.pop(run_id, None)
+        if chunk is None:
+            raise KVCacheError(f"commit of run {run_id}, which this stage does not hold")
+        if chunk.start_pos != self.committed_len or not 0 <= num_tokens <= chunk.num_tokens:
+            raise KVCacheError(
+                f"commit of {num_tokens} tokens of run {run_id} at {chunk.start_pos}, committed length {self.committed_len}"
+            )
+        if any(k is None for k in chunk.keys):
+            raise KVCacheError(f"commit of run {run_id}, which was not fully computed")
+        for layer in range(self.num_layers):
+            self._keys[layer] = _append(self._keys[layer], self.committed_len, chunk.keys[layer][:, :, :num_tokens])
+            self._values[layer] = _append(self._values[layer], self.committed_len, chunk.values[layer][:, :, :num_tokens])
+        self.committed_len += num_tokens
+
+    def drop(self, run_id: int) -> None:
+        self.chunks.pop(run_id, None)
+
+    def num_bytes(self) -> int:
+        committed = sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
+        return committed + sum(c.num_bytes() for c in self.chunks.values())
+
+
+def _append(buffer: torch.Tensor | None, length: int, new: torch.Tensor) -> torch.Tensor:
+    """Write new [1, h, n, d] at [length, length+n) along dim 2, growing by doubling."""
+    needed = length + new.shape[2]
+    if buffer is None or buffer.shape[2] < needed:
+        capacity = max(needed, 2 * (0 if buffer is None else buffer.shape[2]), 16)
+        grown = new.new_empty((*new.shape[:2], capacity, new.shape[3]))
+        if buffer is not None:
+            grown[:, :, :length] = buffer[:, :, :length]
+        buffer = grown
+    buffer[:, :, length:needed] = new
+    return buffer
+
+
+class RunKV:
+    """The LayerKV a stage hands to its layers while computing one run."""
+
+    def __init__(self, seq: SequenceKV, ancestors: list[RunChunk], chunk: RunChunk) -> None:
+        self._seq = seq
+        self._ancestors = ancestors
+        self._chunk = chunk
+
+    @property
+    def context_len(self) -> int:
+        return self._chunk.start_pos
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._chunk.keys[layer], self._chunk.values[layer] = k, v
+        keys, values = [], []
+        committed = self._seq.committed(layer)
+        if committed is not None:
+            keys.append(committed[0])
+            values.append(committed[1])
+        for anc in self._ancestors:
+            keys.append(anc.keys[layer])
+            values.append(anc.values[layer])
+        keys.append(k)
+        values.append(v)
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+
+class StageKVCache:
+    """All sequences' KV on one stage.
+
+    Only the stage's compute thread touches the tensors; cancel() may be called
+    from any thread and only queues run ids, dropped at the next message.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.sequences: dict[int, SequenceKV] = {}
+        self._run_seq: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._to_drop: list[int] = []
+
+    def begin_run(self, run: Run) -> RunKV:
+        self.drop_cancelled()
+        seq = self.sequences.setdefault(run.seq_id, SequenceKV(self.num_layers))
+        self._run_seq[run.run_id] = run.seq_id
+        return seq.begin_run(run)
+
+    def apply(self, op: KVOp) -> None:
+        self.drop_cancelled()
+        if isinstance(op, CommitKV):
+            self.sequences[op.seq_id].commit(op.run_id, op.num_tokens)
+            self._run_seq.pop(op.run_id, None)
+        elif isinstance(op, FreeSequence):
+            seq = self.sequences.pop(op.seq_id, None)
+            if seq is not None:
+                for run_id in seq.chunks:
+                    self._run_seq.pop(run_id, None)
+        else:
+            raise TypeError(f"unknown KV op {op!r}")
+
+    def cancel(self, run_ids: list[int]) -> None:
+        with self._lock:
+            self._to_drop.extend(run_ids)
+
+    def drop_cancelled(self) -> None:
+        with self._lock:
+            run_ids, self._to_drop = self._to_drop, []
+        for run_id in run_ids:
+            self.drop_run(run_id)
+
+    def drop_run(self, run_id: int) -> None:
+        seq_id = self._run_seq.pop(run_id, None)
+        if seq_id is not None and seq_id in self.sequences:
+            self.sequences[seq_id].drop(run_id)
+
+    def num_bytes(self) -> int:
+        return sum(s.num_bytes() for s in self.sequences.values())
+
+    def num_chunks(self) -> int:
+        return sum(len(s.chunks) for s in self.sequences.values())
+
+
+@dataclass(slots=True)
+class DraftKV:
+    """A draft model's own cache for one sequence: one line, rollback = truncate."""
+
+    num_layers: int
+    length: int = 0
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+
+    @property
+    def context_len(self) -> int:
+        return self.length
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer] = _append(self.keys[layer], self.length, k)
+        self.values[layer] = _append(self.values[layer], self.length, v)
+        end = self.length + k.shape[2]
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)

@@ -1,0 +1,100 @@
+"""All stages in one process, each on its own thread, so runs really overlap
+(torch releases the GIL in its kernels) as they will across machines."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from pipeline.stage import Stage
+from pipeline.transport import ResultSink
+from pipeline.types import KVOp, Run, RunResult
+
+log = logging.getLogger(__name__)
+
+# Injected latency: (stage_index, layer_index) -> seconds to sleep before that layer.
+LayerDelay = Callable[[int, int], float]
+
+_STOP = object()
+
+
+class LocalTransport:
+    def __init__(self, stages: list[Stage], layer_delay: LayerDelay | None = None) -> None:
+        self.stages = stages
+        self.num_stages = len(stages)
+        self._layer_delay = layer_delay
+        self._inboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in stages]
+        self._threads: list[threading.Thread] = []
+        self._on_result: ResultSink | None = None
+
+    def start(self, on_result: ResultSink) -> None:
+        self._on_result = on_result
+        for index in range(self.num_stages):
+            thread = threading.Thread(target=self._stage_loop, args=(index,), name=f"stage-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def submit(self, run: Run) -> None:
+        self._inboxes[0].put((run, None))
+
+    def send_kv_op(self, op: KVOp) -> None:
+        self._inboxes[0].put((op, None))
+
+    def cancel(self, seq_id: int, run_ids: list[int]) -> None:
+        for stage in self.stages:
+            stage.cancel(seq_id, run_ids)
+
+    def close(self) -> None:
+        self._inboxes[0].put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _stage_loop(self, index: int) -> None:
+        stage, inbox = self.stages[index], self._inboxes[index]
+        outbox = self._inboxes[index + 1] if index + 1 < self.num_stages else None
+        before_layer = self._delay_hook(index)
+        torch.set_grad_enabled(False)
+        while True:
+            message = inbox.get()
+            if message is _STOP:
+                if outbox is not None:
+                    outbox.put(_STOP)
+                return
+            item, hidden = message
+            if isinstance(item, Run):
+                self._handle_run(stage, item, hidden, outbox, before_layer)
+            else:
+                self._handle_kv_op(stage, item, outbox)
+
+    def _handle_run(self, stage: Stage, run: Run, hidden, outbox, before_layer) -> None:
+        try:
+            out = stage.process(run, hidden, before_layer)
+        except Exception as exc:  # a failing stage fails the run's request, not the server
+            log.exception("stage %d failed on run %d", stage.stage_index, run.run_id)
+            out = RunResult(run.run_id, run.seq_id, error=f"stage {stage.stage_index}: {exc!r}")
+        if out is None:
+            return
+        if isinstance(out, RunResult):
+            self._on_result(out)
+        else:
+            outbox.put((run, out))
+
+    def _handle_kv_op(self, stage: Stage, op: KVOp, outbox) -> None:
+        try:
+            stage.apply(op)
+        except Exception as exc:
+            log.exception("stage %d failed on %r", stage.stage_index, op)
+            self._on_result(RunResult(-1, op.seq_id, error=f"stage {stage.stage_index}: {exc!r}"))
+        if outbox is not None:
+            outbox.put((op, None))
+
+    def _delay_hook(self, index: int) -> Callable[[int], None] | None:
+        if self._layer_delay is None:
+            return None
+        delay = self._layer_delay
+        return lambda layer: time.sleep(delay(index, layer))

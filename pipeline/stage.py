@@ -1,0 +1,94 @@
+"""One pipeline stage: its layers, the KV of every sequence, its cancellations.
+
+Transport-agnostic: the local, Ray and MPI transports all drive a Stage the
+same way (process runs and KV ops in arrival order; cancel from anywhere).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.kv_cache import KVCacheError, StageKVCache
+from pipeline.sampling import sampling_probs, target_tokens
+from pipeline.stage_model import StageModel
+from pipeline.types import FreeSequence, KVOp, Run, RunResult
+
+
+@dataclass(slots=True)
+class StageCounters:
+    num_runs_computed: int = 0
+    num_runs_skipped: int = 0  # cancelled before they started here
+    num_runs_stopped_mid_forward: int = 0  # cancelled between two layers
+
+
+class Stage:
+    def __init__(self, model: StageModel, stage_index: int) -> None:
+        self.model = model
+        self.stage_index = stage_index
+        self.kv = StageKVCache(model.num_layers)
+        self.counters = StageCounters()
+        self._lock = threading.Lock()
+        self._cancelled: dict[int, set[int]] = {}  # seq_id -> cancelled run ids
+
+    @property
+    def is_first(self) -> bool:
+        return self.model.is_first
+
+    @property
+    def is_last(self) -> bool:
+        return self.model.is_last
+
+    def cancel(self, seq_id: int, run_ids: list[int]) -> None:
+        """Thread-safe; takes effect before the run starts or between two layers."""
+        with self._lock:
+            self._cancelled.setdefault(seq_id, set()).update(run_ids)
+        self.kv.cancel(run_ids)
+
+    def is_cancelled(self, run: Run) -> bool:
+        with self._lock:
+            return run.run_id in self._cancelled.get(run.seq_id, ())
+
+    def apply(self, op: KVOp) -> None:
+        self.kv.apply(op)
+        if isinstance(op, FreeSequence):
+            with self._lock:
+                self._cancelled.pop(op.seq_id, None)
+
+    def process(
+        self,
+        run: Run,
+        hidden: torch.Tensor | None,
+        before_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor | RunResult | None:
+        """-> hidden states for the next stage, the run's result (last stage,
+        or an error), or None when the run was cancelled."""
+        if self.is_cancelled(run):
+            self.counters.num_runs_skipped += 1
+            return None
+        try:
+            run_kv = self.kv.begin_run(run)
+        except KVCacheError as exc:
+            return RunResult(run.run_id, run.seq_id, error=f"stage {self.stage_index}: {exc}")
+        if self.is_first:
+            hidden = self.model.embed(run.token_ids)
+        hidden = self.model.forward_layers(hidden, run_kv, lambda: self.is_cancelled(run), before_layer)
+        if hidden is None:
+            self.counters.num_runs_stopped_mid_forward += 1
+            self.kv.drop_run(run.run_id)
+            return None
+        self.counters.num_runs_computed += 1
+        if not self.is_last:
+            return hidden
+        return self._result(run, self.model.logits(hidden))
+
+    @staticmethod
+    def _result(run: Run, logits: torch.Tensor) -> RunResult:
+        """Only what verification needs: target tokens, or probs for unseeded sampling."""
+        if run.sampling.is_greedy or run.sampling.is_coupled:
+            tokens = target_tokens(logits, run.sampling, run.start_pos + 1)
+            return RunResult(run.run_id, run.seq_id, target_token_ids=tokens)
+        return RunResult(run.run_id, run.seq_id, target_probs=sampling_probs(logits, run.sampling))

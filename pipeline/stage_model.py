@@ -1,0 +1,222 @@
+"""Compute over a contiguous range of decoder layers of a Llama-family model.
+
+A stage holds ONLY its layers (plus the embeddings on the first stage and the
+final norm + head on the last): the modules are built on the meta device and
+just the needed tensors are read from safetensors. Attention is written here
+around the Hugging Face weights so that we own the KV (rollback is a slice)
+and the arithmetic is the same whatever the split.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from pipeline.model_source import check_supported, load_config
+
+
+class LayerKV(Protocol):
+    """Where a forward pass keeps and finds keys/values, per local layer index."""
+
+    @property
+    def context_len(self) -> int:
+        """Positions before the new tokens (their keys are already cached)."""
+        ...
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' k/v [1, kv_heads, n, head_dim]; return context + new."""
+        ...
+
+
+class StageModel(nn.Module):
+    def __init__(
+        self,
+        config,
+        layer_start: int,
+        layers: nn.ModuleList,
+        embed_tokens: nn.Module | None,
+        norm: nn.Module | None,
+        lm_head: nn.Module | None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_start = layer_start
+        self.layers = layers
+        self.embed_tokens = embed_tokens
+        self.norm = norm
+        self.lm_head = lm_head
+        self.rotary_emb: nn.Module | None = None  # set by load(); never on meta
+
+    @property
+    def layer_end(self) -> int:
+        return self.layer_start + len(self.layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def is_first(self) -> bool:
+        return self.embed_tokens is not None
+
+    @property
+    def is_last(self) -> bool:
+        return self.lm_head is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        layer_start: int,
+        layer_end: int,
+        *,
+        with_embed: bool,
+        with_head: bool,
+        dtype: torch.dtype = torch.float32,
+    ) -> StageModel:
+        model_dir = Path(model_dir)
+        config = load_config(model_dir)
+        check_supported(config)
+        num_layers = config.num_hidden_layers
+        if not 0 <= layer_start < layer_end <= num_layers:
+            raise ValueError(f"layer range [{layer_start}, {layer_end}) outside the model's {num_layers} layers")
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        inner = skeleton.model
+        stage = cls(
+            config,
+            layer_start,
+            nn.ModuleList(inner.layers[layer_start:layer_end]),
+            inner.embed_tokens if with_embed else None,
+            inner.norm if with_head else None,
+            skeleton.lm_head if with_head else None,
+        )
+        key_map = stage._checkpoint_keys(config)
+        tensors = read_safetensors(model_dir, set(key_map.values()))
+        state = {local: tensors[ckpt].to(dtype) for local, ckpt in key_map.items()}
+        stage.load_state_dict(state, strict=True, assign=True)
+        if with_embed and with_head and getattr(config, "tie_word_embeddings", False):
+            stage.lm_head.weight = stage.embed_tokens.weight  # one tensor, as in the checkpoint
+        stage.rotary_emb = type(inner.rotary_emb)(config=config)
+        stage.eval()
+        return stage
+
+    def _checkpoint_keys(self, config) -> dict[str, str]:
+        """Map this stage's parameter names to the checkpoint's tensor names."""
+        mapping = {}
+        for name in self.state_dict(keep_vars=True):
+            if name.startswith("layers."):
+                _, local_idx, rest = name.split(".", 2)
+                mapping[name] = f"model.layers.{self.layer_start + int(local_idx)}.{rest}"
+            elif name == "lm_head.weight":
+                mapping[name] = "lm_head.weight"
+            else:
+                mapping[name] = f"model.{name}"
+        if "lm_head.weight" in mapping and getattr(config, "tie_word_embeddings", False):
+            mapping["lm_head.weight"] = "model.embed_tokens.weight"
+        return mapping
+
+    # ---- compute -------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed(self, token_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
+        """-> hidden [1, n, hidden_size]"""
+        ids = torch.tensor([list(token_ids)], dtype=torch.long)
+        return self.embed_tokens(ids)
+
+    @torch.inference_mode()
+    def forward_layers(
+        self,
+        hidden: torch.Tensor,
+        kv: LayerKV,
+        is_cancelled: Callable[[], bool] = lambda: False,
+        before_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor | None:
+        """hidden [1, n, H] for positions [kv.context_len, +n) -> hidden [1, n, H].
+
+        Returns None if is_cancelled() turns true between two layers.
+        """
+        num_new = hidden.shape[1]
+        start = kv.context_len
+        positions = torch.arange(start, start + num_new).unsqueeze(0)  # [1, n]
+        cos, sin = self.rotary_emb(hidden, positions)  # [1, n, head_dim] each
+        # Query i (position start+i) sees keys 0..start+i. A single query sees all.
+        mask = None
+        if num_new > 1:
+            key_pos = torch.arange(start + num_new)
+            mask = key_pos.unsqueeze(0) <= positions.transpose(0, 1)  # [n, start+n]
+        for idx, layer in enumerate(self.layers):
+            if before_layer is not None:
+                before_layer(idx)
+            if is_cancelled():
+                return None
+            hidden = _decoder_layer(layer, idx, hidden, cos, sin, mask, kv)
+        return hidden
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [1, n, H] -> logits [n, vocab] (float32)"""
+        return self.lm_head(self.norm(hidden))[0].float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _decoder_layer(layer, idx, hidden, cos, sin, mask, kv: LayerKV) -> torch.Tensor:
+    attn = layer.self_attn
+    num_new = hidden.shape[1]
+    head_shape = (1, num_new, -1, attn.head_dim)
+
+    residual = hidden
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x).view(head_shape)  # [1, n, heads, d]
+    k = attn.k_proj(x).view(head_shape)  # [1, n, kv_heads, d]
+    v = attn.v_proj(x).view(head_shape).transpose(1, 2)  # [1, kv_heads, n, d]
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    k_all, v_all = kv.extend(idx, k, v)  # [1, kv_heads, context+n, d]
+    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+    out = out.transpose(1, 2).reshape(1, num_new, -1)  # [1, n, heads*d]
+    hidden = residual + attn.o_proj(out)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def read_safetensors(model_dir: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Read only the named tensors, from a single file or a sharded checkpoint."""
+    keys = set(keys)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {model_dir / weight_map[k] for k in keys if k in weight_map}
+    else:
+        files = set(model_dir.glob("*.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(files):
+        with safe_open(file, framework="pt") as f:
+            for key in keys & set(f.keys()):
+                tensors[key] = f.get_tensor(key)
+    missing = keys - tensors.keys()
+    if missing:
+        raise ValueError(f"{model_dir}: checkpoint lacks {sorted(missing)[:5]}")
+    return tensors

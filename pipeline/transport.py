@@ -1,0 +1,35 @@
+"""How runs travel between the coordinator and the stages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from pipeline.types import KVOp, Run, RunResult
+
+ResultSink = Callable[[RunResult], None]
+
+
+class Transport(Protocol):
+    """Carries runs and KV ops through the stages, in order, and results back.
+
+    - submit(run) and send_kv_op(op) enter the first stage and travel down the
+      pipeline in the order they were sent, so every stage applies KV ops at
+      the same point relative to the runs.
+    - cancel() overtakes queued work: a stage skips a cancelled run, or stops
+      it between two layers.
+    - Results (and errors, as RunResult.error) go to the sink given to start();
+      a sequence-level error carries run_id -1.
+    """
+
+    num_stages: int
+
+    def start(self, on_result: ResultSink) -> None: ...
+
+    def submit(self, run: Run) -> None: ...
+
+    def send_kv_op(self, op: KVOp) -> None: ...
+
+    def cancel(self, seq_id: int, run_ids: list[int]) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,166 @@
+"""Messages that travel through the pipeline, and the settings of a request.
+
+Internal messages are small slotted dataclasses; pydantic lives only at the
+edges (HTTP, YAML).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+
+class Mode(str, Enum):
+    AR = "ar"  # one token per run: the autoregressive pipeline baseline
+    SYNC = "sync"  # standard speculative decoding: draft k, verify, repeat
+    PIPEINFER = "pipeinfer"  # continuous asynchronous speculation
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    seed: int | None = None
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def is_coupled(self) -> bool:
+        """Seeded sampling uses shared Gumbel noise: identical text in every mode."""
+        return not self.is_greedy and self.seed is not None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One micro-batch entering the pipeline. Immutable once submitted.
+
+    The run computes the KV of positions [start_pos, start_pos + len(token_ids))
+    and the target's prediction for the position after each of them. Its
+    context is the committed prefix plus the chain of its ancestors.
+    """
+
+    run_id: int
+    seq_id: int
+    parent_run_id: int | None  # None: extends the committed prefix directly
+    start_pos: int
+    token_ids: tuple[int, ...]
+    is_speculative: bool
+    sampling: SamplingParams
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(slots=True)
+class RunResult:
+    """What the last stage sends back: only what verification needs.
+
+    Greedy and seeded (coupled) requests get one target token per position;
+    unseeded sampling gets the target's probabilities (for the min(1, p/q) rule).
+    """
+
+    run_id: int
+    seq_id: int
+    target_token_ids: list[int] | None = None  # [num_tokens]
+    target_probs: torch.Tensor | None = None  # [num_tokens, vocab]
+    error: str | None = None  # set when a stage failed on this run
+
+
+@dataclass(frozen=True, slots=True)
+class CommitKV:
+    """Fold the first num_tokens positions of run_id's chunk into the committed KV."""
+
+    seq_id: int
+    run_id: int
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class FreeSequence:
+    """Drop every KV entry of a finished or aborted sequence."""
+
+    seq_id: int
+
+
+KVOp = CommitKV | FreeSequence
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_runs: int = 0
+    num_runs_cancelled: int = 0
+    num_draft_tokens: int = 0  # draft tokens submitted for verification
+    num_accepted_tokens: int = 0  # of those, accepted by the target
+    num_verify_steps: int = 0  # results that produced tokens
+    elapsed_s: float = 0.0
+    first_token_s: float | None = None
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_generated_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def mean_accepted_len(self) -> float:
+        """Tokens produced per verifying result (1.0 = no speculation gain)."""
+        return self.num_generated_tokens / self.num_verify_steps if self.num_verify_steps else 0.0
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_len": round(self.mean_accepted_len, 4),
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_generated_tokens": self.num_generated_tokens,
+            "num_runs": self.num_runs,
+            "num_runs_cancelled": self.num_runs_cancelled,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "elapsed_s": round(self.elapsed_s, 4),
+            "ttft_s": None if self.first_token_s is None else round(self.first_token_s, 4),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: frozenset[int] = frozenset()  # EOS and friends; empty = ignore EOS
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("the prompt must contain at least one token")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    token_ids: tuple[int, ...]  # newly verified tokens, in order
+
+
+@dataclass(frozen=True, slots=True)
+class FinishEvent:
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
+    stats: GenerationStats
+    error: str | None = None

@@ -1,0 +1,88 @@
+"""Test helpers: tiny random models, the greedy reference, engines.
+
+Tiny random Llama-family models are made from a config with a fixed seed.
+
+Fast to build and run, and exactness checks work on them. A larger
+initializer_range than usual makes logits peaked, so greedy decoding has no
+near-ties that float rounding could flip between batched and step-wise compute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pipeline.engine import Engine, EngineConfig
+from pipeline.speculation import SpeculationConfig
+from pipeline.types import Mode
+
+TINY_VOCAB = 96
+
+
+def make_tiny_model(
+    out_dir: Path,
+    seed: int,
+    model_type: str = "llama",
+    num_layers: int = 4,
+    vocab_size: int = TINY_VOCAB,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    tie_word_embeddings: bool = False,
+    init_range: float = 0.3,
+    **extra,
+) -> Path:
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        initializer_range=init_range,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def greedy_reference(model_dir: Path, prompt_ids: list[int], max_new_tokens: int,
+                     eos_token_id: int | None = None) -> list[int]:
+    """Target-only greedy decoding with transformers' own generate()."""
+    model = _load_reference(model_dir)
+    input_ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id or 0,
+                             min_new_tokens=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+_REFERENCES: dict[Path, torch.nn.Module] = {}
+
+
+def _load_reference(model_dir: Path):
+    model_dir = Path(model_dir)
+    if model_dir not in _REFERENCES:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+        model.generation_config.eos_token_id = None
+        _REFERENCES[model_dir] = model.eval()
+    return _REFERENCES[model_dir]
+
+
+def load_engine(model: Path | str, draft: str = "none", stages: int = 1, mode: Mode | str = Mode.PIPEINFER,
+                layer_delay=None, **speculation) -> Engine:
+    spec = SpeculationConfig(mode=Mode(mode), **speculation)
+    config = EngineConfig(model=str(model), draft=str(draft), num_stages=stages, speculation=spec)
+    return Engine.load(config, layer_delay=layer_delay, show_progress=False)
