@@ -1,0 +1,63 @@
+"""`pipeinfer generate` as a user runs it: a real process, the real default model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PIPEINFER = str(Path(sys.executable).parent / "pipeinfer")
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([PIPEINFER, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft,mode,stages", [
+    ("none", "ar", 1),
+    ("ngram", "pipeinfer", 2),
+    ("layers:10", "sync", 3),
+    ("int8", "pipeinfer", 2),
+    ("TARGET", "pipeinfer", 4),
+])
+def test_generate_names_paris_with_every_draft(default_model, draft, mode, stages):
+    draft = str(default_model) if draft == "TARGET" else draft
+    proc = run_cli("generate", "--model", "default", "--prompt", "The capital of France is", "--max-tokens", "12",
+                   "--draft", draft, "--mode", mode, "--stages", str(stages), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert "Paris" in result["text"]
+    assert len(result["token_ids"]) == 12
+    stats = result["stats"]
+    for key in ("tokens_per_s", "acceptance_rate", "num_runs", "num_runs_cancelled", "num_draft_tokens",
+                "num_accepted_tokens"):
+        assert key in stats
+    assert stats["tokens_per_s"] > 0 and stats["num_runs"] >= 1
+    if draft == str(default_model):
+        assert stats["acceptance_rate"] == 1.0
+
+
+@pytest.mark.slow
+def test_generate_prints_plain_text(default_model):
+    proc = run_cli("generate", "--prompt", "The capital of France is", "--max-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith("Paris")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/model"], "model '/no/such/model' not found"),
+    (["--model", "TINY", "--draft", "layers:99"], "N must be in 1..4"),
+    (["--model", "TINY"], "has no tokenizer"),
+    (["--model", "TINY", "--stages", "9"], "cannot split 4 layers over 9 stages"),
+    (["--model", "TINY", "--temperature", "-1"], "temperature must be >= 0"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(tiny_target, args, message):
+    args = [str(tiny_target) if a == "TINY" else a for a in args]
+    proc = run_cli("generate", "--prompt", "hi", *args, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

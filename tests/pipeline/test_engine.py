@@ -1,0 +1,85 @@
+"""The engine facade: several requests at once, aborts, failing stages."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pipeline.engine import GenerationError
+from pipeline.types import FinishEvent, GenerationRequest, TokenEvent
+from tests.helpers import greedy_reference, load_engine
+
+
+def wait_until_freed(engine, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(not s.kv.sequences for s in engine.stages):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("mode", ["ar", "sync", "pipeinfer"])
+def test_concurrent_requests_each_equal_their_own_greedy_output(tiny_target, mode):
+    prompts = [[3, 4, 5], [60, 61], [7, 7, 7, 7], [90], [12, 40, 12, 40, 12]]
+    lengths = [10, 17, 5, 20, 13]
+    outputs: dict[int, list[int]] = {}
+    with load_engine(tiny_target, "layers:2", 2, mode, confidence_cutoff=0.0) as engine:
+        def worker(i):
+            outputs[i] = engine.complete(GenerationRequest(tuple(prompts[i]), lengths[i])).token_ids
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert wait_until_freed(engine)
+    for i, prompt in enumerate(prompts):
+        assert outputs[i] == greedy_reference(tiny_target, prompt, lengths[i]), i
+
+
+def test_closing_the_stream_aborts_and_frees_kv(tiny_target):
+    slow = lambda stage, layer: 0.005  # noqa: E731
+    with load_engine(tiny_target, "layers:2", 2, "pipeinfer", layer_delay=slow) as engine:
+        stream = engine.generate(GenerationRequest((1, 2, 3), 200))
+        assert isinstance(next(stream), TokenEvent)
+        stream.close()  # the client hung up
+        assert wait_until_freed(engine)
+        # The engine keeps serving.
+        out = engine.complete(GenerationRequest((1, 2, 3), 5))
+        assert out.token_ids == greedy_reference(tiny_target, [1, 2, 3], 5)
+
+
+def test_a_failing_stage_fails_only_its_request(tiny_target):
+    failures = {"left": 1}
+
+    def flaky(stage, layer):
+        if stage == 1 and failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("simulated stage crash")
+        return 0.0
+
+    with load_engine(tiny_target, "none", 2, "ar", layer_delay=flaky) as engine:
+        with pytest.raises(GenerationError, match="stage 1: RuntimeError\\('simulated stage crash'\\)"):
+            engine.complete(GenerationRequest((5, 6), 8))
+        out = engine.complete(GenerationRequest((5, 6), 8))
+        assert out.token_ids == greedy_reference(tiny_target, [5, 6], 8)
+        assert wait_until_freed(engine)
+
+
+def test_prompt_that_does_not_fit_the_context_is_refused(tiny_target):
+    with load_engine(tiny_target) as engine:
+        with pytest.raises(ValueError, match=r"prompt \(500 tokens\) plus max_tokens \(100\) exceeds .* 512 tokens"):
+            list(engine.generate(GenerationRequest(tuple([3] * 500), 100)))
+
+
+def test_finish_event_carries_stats(tiny_target):
+    with load_engine(tiny_target, str(tiny_target), 2, "sync") as engine:
+        events = list(engine.generate(GenerationRequest((8, 9), 9)))
+    finish = events[-1]
+    assert isinstance(finish, FinishEvent) and finish.finish_reason == "length"
+    assert sum(len(e.token_ids) for e in events[:-1]) == 9
+    assert finish.stats.num_generated_tokens == 9 and finish.stats.acceptance_rate == 1.0
+    assert finish.stats.first_token_s is not None and finish.stats.elapsed_s >= finish.stats.first_token_s

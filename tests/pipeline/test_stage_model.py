@@ -1,0 +1,80 @@
+"""A stage holds only its layer range, and the split does not change the arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from pipeline.kv_cache import DraftKV
+from pipeline.model_source import ModelSourceError, resolve_model
+from pipeline.partition import even_split
+from pipeline.stage_model import StageModel
+
+
+def load_stages(model_dir, num_stages: int) -> list[StageModel]:
+    num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    ranges = even_split(num_layers, num_stages)
+    return [StageModel.load(model_dir, a, b, with_embed=i == 0, with_head=i == len(ranges) - 1)
+            for i, (a, b) in enumerate(ranges)]
+
+
+def full_model_bytes(model_dir) -> int:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3, 4])
+def test_stages_hold_only_their_layers_and_sum_to_the_model(tiny_target, num_stages):
+    stages = load_stages(tiny_target, num_stages)
+    assert sum(s.parameter_bytes() for s in stages) == full_model_bytes(tiny_target)
+    for index, (stage, (start, end)) in enumerate(zip(stages, even_split(4, num_stages))):
+        assert (stage.layer_start, stage.layer_end) == (start, end)
+        assert len(stage.layers) == end - start
+        assert stage.is_first == (index == 0) and stage.is_last == (index == num_stages - 1)
+        assert not any(p.is_meta for p in stage.parameters())
+
+
+def test_tied_embeddings_are_held_by_both_ends(tiny_targets):
+    """With tied embeddings the first stage needs them as input, the last as its head."""
+    model_dir = tiny_targets["llama-tied"]
+    single = load_stages(model_dir, 1)[0]
+    assert single.parameter_bytes() == full_model_bytes(model_dir)
+    assert single.lm_head.weight is single.embed_tokens.weight
+    first, last = load_stages(model_dir, 2)
+    embed_bytes = first.embed_tokens.weight.numel() * 4
+    assert first.parameter_bytes() + last.parameter_bytes() == full_model_bytes(model_dir) + embed_bytes
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("num_stages", [1, 3])
+def test_chained_stages_reproduce_the_full_forward(tiny_targets, arch, num_stages):
+    model_dir = tiny_targets[arch]
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = [3, 14, 15, 92, 65, 35, 89, 79]
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0]
+    stages = load_stages(model_dir, num_stages)
+    caches = [DraftKV(s.num_layers) for s in stages]
+    # Prefill 5 tokens, then verify 3 in one forward: the cache path must match too.
+    outputs = []
+    for chunk in (ids[:5], ids[5:]):
+        hidden = stages[0].embed(chunk)
+        for stage, kv in zip(stages, caches):
+            hidden = stage.forward_layers(hidden, kv)
+            kv.advance(len(chunk))
+        outputs.append(stages[-1].logits(hidden))
+    torch.testing.assert_close(torch.cat(outputs), expected, atol=2e-4, rtol=1e-4)
+
+
+def test_unsupported_architecture_is_refused_by_name(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ModelSourceError, match=r"unsupported architecture 'gpt2'.*llama, mistral, qwen2, qwen3"):
+        resolve_model(tmp_path / "gpt2")
+
+
+def test_layer_range_outside_the_model_is_refused(tiny_target):
+    with pytest.raises(ValueError, match=r"layer range \[2, 9\) outside the model's 4 layers"):
+        StageModel.load(tiny_target, 2, 9, with_embed=False, with_head=True)
