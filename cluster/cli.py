@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from draft_models import DraftSpecError
@@ -43,6 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
     generate.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
     generate.set_defaults(handler=_generate)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", action="append", default=None,
+                       help="require 'Authorization: Bearer KEY' (repeatable; or $PIPEINFER_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: from --model)")
+    serve.add_argument("--max-running", type=int, default=8, help="requests generating at once")
+    serve.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond that before 429")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    serve.set_defaults(handler=_serve)
     return parser
 
 
@@ -55,6 +68,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", type=int, default=1, help="pipeline stages the layers are split over")
     parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.PIPEINFER.value,
                         help="ar: one token per run; sync: draft k then verify; pipeinfer: continuous speculation")
+    parser.add_argument("--transport", choices=["local"], default="local",
+                        help="local: every stage in this process, each on its own thread")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--draft-len", type=int, default=spec.draft_len, help="most draft tokens per run")
     parser.add_argument("--max-in-flight", type=int, default=spec.max_runs_in_flight,
@@ -80,6 +95,16 @@ def _generate(args: argparse.Namespace) -> int:
                           "finish_reason": output.finish_reason, "stats": stats}))
     else:
         print(output.text)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.serve import serve
+
+    api_keys = tuple(args.api_key or ([os.environ["PIPEINFER_API_KEY"]] if os.environ.get("PIPEINFER_API_KEY") else []))
+    serve(_engine_config(args), host=args.host, port=args.port, api_keys=api_keys,
+          served_model_name=args.served_model_name, max_running=args.max_running,
+          max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
     return 0
 
 

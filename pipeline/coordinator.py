@@ -107,6 +107,9 @@ class Coordinator:
     def abort(self, seq_id: int) -> None:
         self._events.put(("abort", seq_id))
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.transport.is_alive()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

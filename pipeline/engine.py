@@ -3,6 +3,7 @@ config, and generate. Everything above it (CLI, HTTP) talks only to this."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 from collections.abc import Iterator
@@ -97,6 +98,20 @@ class Engine:
             if not finished:
                 self.coordinator.abort(seq_id)
 
+    def stream(self, request: GenerationRequest) -> EventStream:
+        """The same stream for asyncio (call from a running loop)."""
+        return EventStream(self.coordinator, request, asyncio.get_running_loop())
+
+    @property
+    def max_context(self) -> int:
+        return self.coordinator.max_context
+
+    def is_alive(self) -> bool:
+        return self.coordinator.is_alive()
+
+    def stage_stats(self) -> list[dict]:
+        return self.coordinator.transport.stage_stats()
+
     def complete(self, request: GenerationRequest) -> GenerationOutput:
         token_ids: list[int] = []
         for event in self.generate(request):
@@ -130,6 +145,35 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class EventStream:
+    """Async iterator over one request's events. abort() stops generation and
+    the stream then ends with FinishEvent("abort") carrying the stats;
+    aclose() (also on cancellation) aborts if not finished."""
+
+    def __init__(self, coordinator: Coordinator, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self._coordinator = coordinator
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._seq_id = coordinator.submit(request, lambda e: loop.call_soon_threadsafe(self._events.put_nowait, e))
+        self.is_finished = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent | FinishEvent:
+        if self.is_finished:
+            raise StopAsyncIteration
+        event = await self._events.get()
+        self.is_finished = isinstance(event, FinishEvent)
+        return event
+
+    def abort(self) -> None:
+        self._coordinator.abort(self._seq_id)
+
+    async def aclose(self) -> None:
+        if not self.is_finished:
+            self.abort()
 
 
 def _load_tokenizer(model_dir: Path):

@@ -49,6 +49,12 @@ class LocalTransport:
         for stage in self.stages:
             stage.cancel(seq_id, run_ids)
 
+    def is_alive(self) -> bool:
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def stage_stats(self) -> list[dict]:
+        return [stage.stats() for stage in self.stages]
+
     def close(self) -> None:
         self._inboxes[0].put(_STOP)
         for thread in self._threads:

@@ -28,6 +28,7 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Drop a token when the mass before it already reaches top_p (the top token always stays).
         drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= params.top_p
+        drop_sorted[..., 0] = False  # even when top_p rounds to 0 in float32
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)

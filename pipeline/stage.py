@@ -33,6 +33,24 @@ class Stage:
         self.counters = StageCounters()
         self._lock = threading.Lock()
         self._cancelled: dict[int, set[int]] = {}  # seq_id -> cancelled run ids
+        self._kv_snapshot = (0, 0)  # (bytes, sequences), refreshed by the compute thread
+
+    def stats(self) -> dict:
+        """Safe to call from any thread."""
+        kv_bytes, num_sequences = self._kv_snapshot
+        return {
+            "stage": self.stage_index,
+            "layers": [self.model.layer_start, self.model.layer_end],
+            "parameter_bytes": self.model.parameter_bytes(),
+            "kv_bytes": kv_bytes,
+            "num_sequences": num_sequences,
+            "num_runs_computed": self.counters.num_runs_computed,
+            "num_runs_skipped": self.counters.num_runs_skipped,
+            "num_runs_stopped_mid_forward": self.counters.num_runs_stopped_mid_forward,
+        }
+
+    def _refresh_snapshot(self) -> None:
+        self._kv_snapshot = (self.kv.num_bytes(), len(self.kv.sequences))
 
     @property
     def is_first(self) -> bool:
@@ -57,6 +75,7 @@ class Stage:
         if isinstance(op, FreeSequence):
             with self._lock:
                 self._cancelled.pop(op.seq_id, None)
+        self._refresh_snapshot()
 
     def process(
         self,
@@ -66,6 +85,12 @@ class Stage:
     ) -> torch.Tensor | RunResult | None:
         """-> hidden states for the next stage, the run's result (last stage,
         or an error), or None when the run was cancelled."""
+        try:
+            return self._process(run, hidden, before_layer)
+        finally:
+            self._refresh_snapshot()
+
+    def _process(self, run, hidden, before_layer):
         if self.is_cancelled(run):
             self.counters.num_runs_skipped += 1
             return None

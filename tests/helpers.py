@@ -32,6 +32,7 @@ def make_tiny_model(
     num_kv_heads: int = 2,
     tie_word_embeddings: bool = False,
     init_range: float = 0.3,
+    max_position_embeddings: int = 512,
     **extra,
 ) -> Path:
     config = AutoConfig.for_model(
@@ -43,7 +44,7 @@ def make_tiny_model(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         head_dim=hidden_size // num_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         initializer_range=init_range,
         bos_token_id=0,
@@ -86,3 +87,70 @@ def load_engine(model: Path | str, draft: str = "none", stages: int = 1, mode: M
     spec = SpeculationConfig(mode=Mode(mode), **speculation)
     config = EngineConfig(model=str(model), draft=str(draft), num_stages=stages, speculation=spec)
     return Engine.load(config, layer_delay=layer_delay, show_progress=False)
+
+
+def make_tiny_model_with_tokenizer(out_dir: Path, seed: int, tokenizer_from: Path, **kwargs) -> Path:
+    """A tiny random model that speaks the default model's tokenizer (for text APIs)."""
+    import shutil
+
+    from transformers import AutoConfig as _AutoConfig
+
+    vocab_size = _AutoConfig.from_pretrained(tokenizer_from).vocab_size
+    make_tiny_model(out_dir, seed, vocab_size=vocab_size, **kwargs)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (Path(tokenizer_from) / name).exists():
+            shutil.copy(Path(tokenizer_from) / name, out_dir / name)
+    return Path(out_dir)
+
+
+class ServerProcess:
+    """`pipeinfer serve` in its own process on a free loopback port."""
+
+    def __init__(self, *args: str, api_key: str | None = None, ready_timeout: float = 180) -> None:
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(f"/tmp/pipeinfer-test-server-{self.port}.log")
+        command = [str(Path(sys.executable).parent / "pipeinfer"), "serve", "--port", str(self.port), *args]
+        if api_key:
+            command += ["--api-key", api_key]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.close()
+        raise TimeoutError(f"server not healthy in {ready_timeout}s: {self.log_path.read_text()[-2000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:
+                self.proc.kill()
+        self._log.close()
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

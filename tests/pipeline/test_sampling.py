@@ -74,6 +74,8 @@ def test_top_k_and_top_p_filter_before_sampling():
     assert torch.count_nonzero(top_k) == 2 and torch.isclose(top_k.sum(), torch.tensor(1.0))
     top_p = sampling_probs(logits, SamplingParams(temperature=1.0, top_p=0.6))
     assert torch.count_nonzero(top_p).item() == 2  # 0.40 + 0.25 reaches 0.6
+    tiny_p = sampling_probs(logits, SamplingParams(temperature=1.0, top_p=5e-324))  # rounds to 0 in float32
+    assert tiny_p.tolist() == [1.0, 0, 0, 0, 0, 0]
     cold = sampling_probs(logits, SamplingParams(temperature=0.1))
     assert cold[0] > 0.99
 

@@ -1,0 +1,74 @@
+"""503 while loading and when a stage is down; /health says which (in-process app, real engine)."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from server.app import ServerSettings, create_app
+from server.engine_host import EngineHost
+from tests.helpers import load_engine
+
+
+def client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+BODY = {"model": "tiny", "prompt": "Hi", "max_tokens": 3, "temperature": 0}
+
+
+@pytest.mark.anyio
+async def test_503_while_loading_then_ready(tiny_text_model):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return load_engine(tiny_text_model)
+
+    host = EngineHost(slow_load)
+    app = create_app(host, ServerSettings(served_model_name="tiny"))
+    host.start()
+    async with client(app) as http:
+        health = await http.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        busy = await http.post("/v1/completions", json=BODY)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "loading"
+        release.set()
+        host._thread.join(30)
+        assert (await http.get("/health")).status_code == 200
+        assert (await http.post("/v1/completions", json=BODY)).status_code == 200
+    host.close()
+
+
+@pytest.mark.anyio
+async def test_503_when_a_stage_is_down(tiny_text_model):
+    engine = load_engine(tiny_text_model, stages=2)
+    app = create_app(EngineHost.ready(engine), ServerSettings(served_model_name="tiny"))
+    async with client(app) as http:
+        assert (await http.post("/v1/completions", json=BODY)).status_code == 200
+        engine.coordinator.transport.close()  # every stage thread stops
+        health = await http.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        response = await http.post("/v1/completions", json=BODY)
+        assert response.status_code == 503 and "a stage is down" in response.json()["error"]["message"]
+    engine.close()
+
+
+@pytest.mark.anyio
+async def test_failed_load_is_reported(tmp_path):
+    def broken():
+        raise FileNotFoundError("no weights here")
+
+    host = EngineHost(broken)
+    host.start()
+    host._thread.join(10)
+    async with client(create_app(host, ServerSettings(served_model_name="x"))) as http:
+        health = await http.get("/health")
+        assert health.status_code == 503 and "no weights here" in health.json()["detail"]
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
