@@ -9,7 +9,7 @@ import os
 import sys
 
 from draft_models import DraftSpecError
-from pipeline.engine import DTYPES, Engine, EngineConfig, GenerationError
+from pipeline.engine import DTYPES, TRANSPORTS, Engine, EngineConfig, GenerationError
 from pipeline.model_source import ModelSourceError
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode, SamplingParams
@@ -21,9 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "transport", None) == "mpi" and _serve_mpi_stage(args):
+            return 0
         return args.handler(args)
     except (ModelSourceError, DraftSpecError, GenerationError, ValueError) as exc:
         print(f"pipeinfer: error: {exc}", file=sys.stderr)
+        if getattr(args, "transport", None) == "mpi":
+            from pipeline.mpi_transport import abort_all_ranks
+
+            abort_all_ranks(2)  # stage ranks would otherwise wait for work forever
         return 2
 
 
@@ -68,9 +74,14 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", type=int, default=1, help="pipeline stages the layers are split over")
     parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.PIPEINFER.value,
                         help="ar: one token per run; sync: draft k then verify; pipeinfer: continuous speculation")
-    parser.add_argument("--transport", choices=["local"], default="local",
-                        help="local: every stage in this process, each on its own thread")
+    parser.add_argument("--transport", choices=list(TRANSPORTS), default="local",
+                        help="local: stages as threads in this process; ray: one Ray actor per stage; "
+                             "mpi: one MPI rank per stage (launch with mpirun -n STAGES+1)")
+    parser.add_argument("--ray-address", default=None,
+                        help="ray transport: 'auto' or an address joins a running cluster (default: a private local Ray)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--kv-budget-bytes", type=int, default=None,
+                        help="per stage: refuse new requests while this much KV is in use (default: no limit)")
     parser.add_argument("--draft-len", type=int, default=spec.draft_len, help="most draft tokens per run")
     parser.add_argument("--max-in-flight", type=int, default=spec.max_runs_in_flight,
                         help="most runs in flight per request (pipeinfer mode)")
@@ -82,7 +93,26 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     speculation = SpeculationConfig(mode=Mode(args.mode), draft_len=args.draft_len,
                                     max_runs_in_flight=args.max_in_flight, confidence_cutoff=args.cutoff)
     return EngineConfig(model=args.model, draft=args.draft, num_stages=args.stages, dtype=args.dtype,
-                        speculation=speculation)
+                        transport=args.transport, ray_address=args.ray_address,
+                        kv_budget_bytes=args.kv_budget_bytes, speculation=speculation)
+
+
+def _serve_mpi_stage(args: argparse.Namespace) -> bool:
+    """Under mpirun every rank runs this command: ranks 1..N become the stages
+    (and return True when told to stop); rank 0 goes on as the coordinator.
+    A wrong rank count is reported by rank 0, which then aborts the job."""
+    from pipeline.model_source import load_config, resolve_model
+    from pipeline.mpi_transport import check_rank_count, mpi_rank_and_size, run_stage_worker
+    from pipeline.partition import even_split
+
+    rank, _ = mpi_rank_and_size()
+    if rank == 0:
+        check_rank_count(args.stages)  # before loading anything; the error aborts every rank
+        return False
+    model_dir = resolve_model(args.model, show_progress=False)
+    ranges = even_split(load_config(model_dir).num_hidden_layers, args.stages)
+    run_stage_worker(str(model_dir), ranges, DTYPES[args.dtype], args.kv_budget_bytes)
+    return True
 
 
 def _generate(args: argparse.Namespace) -> int:

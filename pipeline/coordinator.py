@@ -45,6 +45,7 @@ from pipeline.verify import speculative_sample
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[TokenEvent | FinishEvent], None]
+WATCHDOG_INTERVAL_S = 1.0  # how often an idle loop checks for dead stages and stalled requests
 
 
 @dataclass(slots=True)
@@ -61,6 +62,7 @@ class SequenceState:
     generator: torch.Generator | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
     started_at: float = field(default_factory=time.perf_counter)
+    last_progress_at: float = field(default_factory=time.perf_counter)  # last result verified
 
     @property
     def num_generated(self) -> int:
@@ -75,8 +77,10 @@ class SequenceState:
 
 
 class Coordinator:
-    def __init__(self, transport: Transport, draft: DraftModel, config: SpeculationConfig, max_context: int) -> None:
+    def __init__(self, transport: Transport, draft: DraftModel, config: SpeculationConfig, max_context: int,
+                 stall_timeout_s: float = 120.0) -> None:
         self.transport = transport
+        self.stall_timeout_s = stall_timeout_s
         self.draft = draft
         self.config = config
         self.max_context = max_context
@@ -122,7 +126,11 @@ class Coordinator:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            events = [self._events.get()]
+            try:
+                events = [self._events.get(timeout=WATCHDOG_INTERVAL_S if self._seqs else None)]
+            except queue.Empty:
+                self._fail_stalled_sequences()
+                continue
             while True:  # handle everything that arrived before launching more work
                 try:
                     events.append(self._events.get_nowait())
@@ -144,6 +152,18 @@ class Coordinator:
                 except Exception as exc:
                     log.exception("launch failed for sequence %d", seq.seq_id)
                     self._finish(seq, "error", error=repr(exc))
+
+    def _fail_stalled_sequences(self) -> None:
+        """Nothing arrived for a while: never let a request hang on a dead
+        stage or a lost result."""
+        if not self.transport.is_alive():
+            for seq in list(self._seqs.values()):
+                self._finish(seq, "error", error="a pipeline stage stopped")
+            return
+        now = time.perf_counter()
+        for seq in list(self._seqs.values()):
+            if seq.chain and now - seq.last_progress_at > self.stall_timeout_s:
+                self._finish(seq, "error", error=f"no result from the pipeline in {self.stall_timeout_s:.0f} s")
 
     def _handle(self, kind: str, payload) -> None:
         if kind == "new":
@@ -222,6 +242,10 @@ class Coordinator:
     # ---- receive, verify, commit/cancel ---------------------------------
 
     def _receive(self, result: RunResult) -> None:
+        if result.seq_id == -1 and result.error is not None:  # the transport lost state of every sequence
+            for seq in list(self._seqs.values()):
+                self._finish(seq, "error", error=result.error)
+            return
         seq = self._seqs.get(result.seq_id)
         if seq is None:
             return  # the sequence already finished
@@ -234,6 +258,7 @@ class Coordinator:
             self._finish(seq, "error", error=result.error)
             return
         seq.results[result.run_id] = result
+        seq.last_progress_at = time.perf_counter()
         while seq.chain and seq.chain[0].run_id in seq.results and seq.seq_id in self._seqs:
             run = seq.chain.popleft()
             self._verify(seq, run, seq.results.pop(run.run_id))

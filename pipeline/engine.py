@@ -22,10 +22,12 @@ from pipeline.partition import even_split
 from pipeline.speculation import SpeculationConfig
 from pipeline.stage import Stage
 from pipeline.stage_model import StageModel
+from pipeline.transport import Transport
 from pipeline.types import FinishEvent, GenerationRequest, GenerationStats, SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
+TRANSPORTS = ("local", "ray", "mpi")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,11 +37,16 @@ class EngineConfig:
     draft: str = "none"
     num_stages: int = 1
     dtype: str = "float32"  # float32 on CPU keeps the split exact and is not slower here
+    transport: str = "local"  # local | ray | mpi
+    ray_address: str | None = None  # ray transport: None starts a local Ray; "auto" or an address joins one
+    kv_budget_bytes: int | None = None  # per stage: new sequences are refused beyond it
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
@@ -57,11 +64,10 @@ class GenerationError(RuntimeError):
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, model_dir: Path, coordinator: Coordinator, stages: list[Stage]) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Path, coordinator: Coordinator) -> None:
         self.config = config
         self.model_dir = model_dir
         self.coordinator = coordinator
-        self.stages = stages
         self.model_config = load_config(model_dir)
         self.tokenizer = _load_tokenizer(model_dir)
         self.eos_token_ids = _eos_token_ids(model_dir, self.model_config)
@@ -72,17 +78,18 @@ class Engine:
         model_config = load_config(model_dir)
         dtype = DTYPES[config.dtype]
         ranges = even_split(model_config.num_hidden_layers, config.num_stages)
-        stages = []
-        for index, (start, end) in enumerate(tqdm(ranges, desc="loading stages", unit="stage", disable=not show_progress)):
-            model = StageModel.load(model_dir, start, end, with_embed=index == 0,
-                                    with_head=index == len(ranges) - 1, dtype=dtype)
-            stages.append(Stage(model, index))
+        transport = _make_transport(config, model_dir, ranges, dtype, layer_delay, show_progress)
         draft = load_draft(config.draft, model_dir, dtype=dtype, show_progress=show_progress)
         max_context = model_config.max_position_embeddings
-        coordinator = Coordinator(LocalTransport(stages, layer_delay), draft, config.speculation, max_context)
-        log.info("engine ready: %s, %d stage(s) %s, draft %s, mode %s", model_dir, len(stages), ranges,
-                 config.draft, config.speculation.mode.value)
-        return cls(config, model_dir, coordinator, stages)
+        coordinator = Coordinator(transport, draft, config.speculation, max_context)
+        log.info("engine ready: %s, %d %s stage(s) %s, draft %s, mode %s", model_dir, len(ranges), config.transport,
+                 ranges, config.draft, config.speculation.mode.value)
+        return cls(config, model_dir, coordinator)
+
+    @property
+    def stages(self) -> list[Stage]:
+        """The Stage objects, for the local transport (in this process)."""
+        return getattr(self.coordinator.transport, "stages", [])
 
     def generate(self, request: GenerationRequest) -> Iterator[TokenEvent | FinishEvent]:
         """Blocking stream of events; closing the iterator early aborts the request."""
@@ -174,6 +181,26 @@ class EventStream:
     async def aclose(self) -> None:
         if not self.is_finished:
             self.abort()
+
+
+def _make_transport(config: EngineConfig, model_dir: Path, ranges: list[tuple[int, int]], dtype: torch.dtype,
+                    layer_delay: LayerDelay | None, show_progress: bool) -> Transport:
+    if config.transport == "ray":
+        from pipeline.ray_transport import RayTransport, StagePlacement, ensure_ray
+
+        ensure_ray(config.ray_address)
+        placements = [StagePlacement(a, b, kv_budget_bytes=config.kv_budget_bytes) for a, b in ranges]
+        return RayTransport(str(model_dir), placements, dtype)
+    if config.transport == "mpi":
+        from pipeline.mpi_transport import MPITransport
+
+        return MPITransport(len(ranges))
+    stages = []
+    for index, (start, end) in enumerate(tqdm(ranges, desc="loading stages", unit="stage", disable=not show_progress)):
+        model = StageModel.load(model_dir, start, end, with_embed=index == 0, with_head=index == len(ranges) - 1,
+                                dtype=dtype)
+        stages.append(Stage(model, index, config.kv_budget_bytes))
+    return LocalTransport(stages, layer_delay)
 
 
 def _load_tokenizer(model_dir: Path):

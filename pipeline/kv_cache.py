@@ -20,6 +20,13 @@ class KVCacheError(RuntimeError):
     """A run's context is not where it should be (stale or cancelled chain)."""
 
 
+KV_FULL = "KV cache full"
+
+
+class KVBudgetExceeded(KVCacheError):
+    """A new sequence was refused: the stage's KV budget is used up."""
+
+
 @dataclass(slots=True)
 class RunChunk:
     run_id: int
@@ -143,8 +150,9 @@ class StageKVCache:
     from any thread and only queues run ids, dropped at the next message.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, budget_bytes: int | None = None) -> None:
         self.num_layers = num_layers
+        self.budget_bytes = budget_bytes
         self.sequences: dict[int, SequenceKV] = {}
         self._run_seq: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -152,6 +160,11 @@ class StageKVCache:
 
     def begin_run(self, run: Run) -> RunKV:
         self.drop_cancelled()
+        if run.seq_id not in self.sequences and self.budget_bytes is not None:
+            used = self.num_bytes()
+            if used >= self.budget_bytes:
+                raise KVBudgetExceeded(f"{KV_FULL}: {used} of {self.budget_bytes} bytes in use; "
+                                       "new requests are refused until running ones finish")
         seq = self.sequences.setdefault(run.seq_id, SequenceKV(self.num_layers))
         self._run_seq[run.run_id] = run.seq_id
         return seq.begin_run(run)

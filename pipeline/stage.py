@@ -26,10 +26,10 @@ class StageCounters:
 
 
 class Stage:
-    def __init__(self, model: StageModel, stage_index: int) -> None:
+    def __init__(self, model: StageModel, stage_index: int, kv_budget_bytes: int | None = None) -> None:
         self.model = model
         self.stage_index = stage_index
-        self.kv = StageKVCache(model.num_layers)
+        self.kv = StageKVCache(model.num_layers, kv_budget_bytes)
         self.counters = StageCounters()
         self._lock = threading.Lock()
         self._cancelled: dict[int, set[int]] = {}  # seq_id -> cancelled run ids

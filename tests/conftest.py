@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import transformers  # noqa: E402
 
 from pipeline.model_source import resolve_model  # noqa: E402
-from tests.helpers import make_tiny_model  # noqa: E402
+from tests.helpers import make_tiny_model, make_tiny_model_with_tokenizer  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -49,3 +49,10 @@ def unrelated_draft(tiny_dir) -> Path:
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     return resolve_model("default", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory, default_model):
+    """A tiny random Llama with SmolLM2's tokenizer and chat template."""
+    return make_tiny_model_with_tokenizer(tmp_path_factory.mktemp("tiny-text") / "m", seed=7,
+                                          tokenizer_from=default_model, num_layers=4)

@@ -106,7 +106,9 @@ def make_tiny_model_with_tokenizer(out_dir: Path, seed: int, tokenizer_from: Pat
 class ServerProcess:
     """`pipeinfer serve` in its own process on a free loopback port."""
 
-    def __init__(self, *args: str, api_key: str | None = None, ready_timeout: float = 180) -> None:
+    def __init__(self, *args: str, api_key: str | None = None, env: dict[str, str] | None = None,
+                 ready_timeout: float = 180) -> None:
+        import os
         import socket
         import subprocess
         import sys
@@ -123,7 +125,7 @@ class ServerProcess:
         if api_key:
             command += ["--api-key", api_key]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -42,6 +42,15 @@ def test_generate_names_paris_with_every_draft(default_model, draft, mode, stage
 
 
 @pytest.mark.slow
+@pytest.mark.integration
+def test_generate_over_ray_actors(default_model):
+    proc = run_cli("generate", "--transport", "ray", "--stages", "2", "--draft", "ngram", "--prompt",
+                   "The capital of France is", "--max-tokens", "8", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Paris" in json.loads(proc.stdout.strip().splitlines()[-1])["text"]
+
+
+@pytest.mark.slow
 def test_generate_prints_plain_text(default_model):
     proc = run_cli("generate", "--prompt", "The capital of France is", "--max-tokens", "4")
     assert proc.returncode == 0, proc.stderr

@@ -83,3 +83,33 @@ def test_finish_event_carries_stats(tiny_target):
     assert sum(len(e.token_ids) for e in events[:-1]) == 9
     assert finish.stats.num_generated_tokens == 9 and finish.stats.acceptance_rate == 1.0
     assert finish.stats.first_token_s is not None and finish.stats.elapsed_s >= finish.stats.first_token_s
+
+
+def test_a_dead_stage_thread_fails_requests_instead_of_hanging(tiny_target):
+    with load_engine(tiny_target, "none", 2, "ar", layer_delay=lambda stage, layer: 0.01) as engine:
+        stream = engine.generate(GenerationRequest((5, 6), 300))
+        next(stream)
+        engine.coordinator.transport._inboxes[1].put(_stop_sentinel())  # stage 1's thread exits
+        started = time.monotonic()
+        events = list(stream)
+        assert events[-1].finish_reason == "error" and "a pipeline stage stopped" in events[-1].error
+        assert time.monotonic() - started < 10
+
+
+def _stop_sentinel():
+    from pipeline import local_transport
+
+    return local_transport._STOP
+
+
+def test_kv_budget_refuses_a_second_request_cleanly(tiny_target):
+    from pipeline.engine import Engine, EngineConfig
+
+    config = EngineConfig(model=str(tiny_target), num_stages=2, kv_budget_bytes=1)
+    with Engine.load(config, layer_delay=lambda stage, layer: 0.005, show_progress=False) as engine:
+        first = engine.generate(GenerationRequest((1, 2), 100))
+        next(first)  # the first request holds KV on every stage
+        with pytest.raises(GenerationError, match="KV cache full"):
+            engine.complete(GenerationRequest((3, 4), 5))
+        assert sum(len(e.token_ids) for e in first if isinstance(e, TokenEvent)) == 99
+        assert engine.complete(GenerationRequest((3, 4), 5)).token_ids == greedy_reference(tiny_target, [3, 4], 5)

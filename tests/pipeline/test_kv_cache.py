@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.kv_cache import KVCacheError, StageKVCache
+from pipeline.kv_cache import KVBudgetExceeded, KVCacheError, StageKVCache
 from pipeline.types import CommitKV, FreeSequence, Run, SamplingParams
 
 
@@ -71,3 +71,14 @@ def test_free_forgets_the_sequence_and_bad_commits_are_refused():
         cache.apply(CommitKV(0, 0, 3))
     cache.apply(FreeSequence(0))
     assert cache.num_bytes() == 0 and cache.sequences == {}
+
+
+def test_a_full_budget_refuses_new_sequences_only():
+    cache = StageKVCache(num_layers=1, budget_bytes=100)
+    fill(cache.begin_run(make_run(0, 0, 8, seq_id=0)), 8, 1, layers=1)  # 8 tokens * 2 floats * 4 B * k,v = 128 B
+    cache.apply(CommitKV(0, 0, 8))
+    with pytest.raises(KVBudgetExceeded, match=r"KV cache full: \d+ of 100 bytes in use"):
+        cache.begin_run(make_run(1, 0, 2, seq_id=1))
+    fill(cache.begin_run(make_run(2, 8, 1, seq_id=0)), 1, 2, layers=1)  # the running sequence goes on
+    cache.apply(FreeSequence(0))
+    cache.begin_run(make_run(3, 0, 2, seq_id=1))  # room again

@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers import ServerProcess
 
+pytestmark = pytest.mark.integration
+
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -51,6 +53,14 @@ def test_api_key_is_required_on_v1_only(server):
     assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
     assert post(server, "/v1/completions", completion()).status_code == 200
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_api_key_from_the_environment(tiny_text_model):
+    with ServerProcess("--model", str(tiny_text_model), "--served-model-name", "tiny",
+                       env={"PIPEINFER_API_KEY": "sk-env"}) as env_server:
+        assert post(env_server, "/v1/completions", completion(), headers={}).status_code == 401
+        ok = post(env_server, "/v1/completions", completion(), headers={"Authorization": "Bearer sk-env"})
+        assert ok.status_code == 200
 
 
 @pytest.mark.parametrize("overrides,status,fragment,param", [

@@ -8,6 +8,8 @@ from transformers import AutoTokenizer
 
 from tests.helpers import ServerProcess, greedy_reference
 
+pytestmark = pytest.mark.integration
+
 MODES = ["ar", "sync", "pipeinfer"]
 PROMPT = "Once upon a time, in a land far away,"
 

@@ -1,0 +1,195 @@
+"""Stages as MPI ranks (mpi4py), for clusters launched by mpirun/srun.
+
+Rank 0 runs the coordinator; rank i (1..N) runs stage i-1. Work (runs and KV
+ops, with hidden states) flows rank 0 -> 1 -> ... -> N with non-blocking
+sends; the last rank sends each RunResult back to rank 0. Cancellations go
+from rank 0 straight to every stage on their own tag, which a stage drains
+before each message and between layers, so they overtake queued work.
+
+Blocking MPI waits spin a core in most MPI builds; with few cores that steals
+the stages' compute, so idle loops poll with a short sleep instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from pipeline.stage import Stage
+from pipeline.stage_model import StageModel
+from pipeline.transport import ResultSink
+from pipeline.types import KVOp, Run, RunResult
+
+log = logging.getLogger(__name__)
+
+TAG_WORK, TAG_RESULT, TAG_CONTROL = 1, 2, 3
+STOP, STOPPED = "stop", "stopped"
+IDLE_POLL_S = 0.0002
+
+
+def _comm():
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def mpi_rank_and_size() -> tuple[int, int]:
+    comm = _comm()
+    return comm.Get_rank(), comm.Get_size()
+
+
+def check_rank_count(num_stages: int) -> None:
+    size = _comm().Get_size()
+    if size != num_stages + 1:
+        raise ValueError(f"--stages {num_stages} needs {num_stages + 1} MPI ranks (coordinator + stages), got {size}")
+
+
+def abort_all_ranks(code: int) -> None:
+    """End every rank of the job (after an error on the coordinator)."""
+    _comm().Abort(code)
+
+
+class MPITransport:
+    """The coordinator's side (rank 0)."""
+
+    def __init__(self, num_stages: int) -> None:
+        self._comm = _comm()
+        if self._comm.Get_rank() != 0:
+            raise RuntimeError("MPITransport runs on rank 0; other ranks run run_stage_worker()")
+        check_rank_count(num_stages)
+        self.num_stages = num_stages
+        self._sends: list = []
+        self._send_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._stats: list[dict] = [{} for _ in range(num_stages)]
+        self._on_result: ResultSink | None = None
+        self._receiver = threading.Thread(target=self._receive_results, name="mpi-results", daemon=True)
+
+    def start(self, on_result: ResultSink) -> None:
+        self._on_result = on_result
+        self._receiver.start()
+
+    def submit(self, run: Run) -> None:
+        self._send((run, None), dest=1, tag=TAG_WORK)
+
+    def send_kv_op(self, op: KVOp) -> None:
+        self._send((op, None), dest=1, tag=TAG_WORK)
+
+    def cancel(self, seq_id: int, run_ids: list[int]) -> None:
+        for rank in range(1, self.num_stages + 1):
+            self._send(("cancel", seq_id, run_ids), dest=rank, tag=TAG_CONTROL)
+
+    def is_alive(self) -> bool:
+        return not self._stopping.is_set() and self._receiver.is_alive()
+
+    def stage_stats(self) -> list[dict]:
+        return [s for s in self._stats if s]
+
+    def close(self) -> None:
+        """Stop travels down the pipeline behind all work; the last stage
+        answers "stopped", so every message in flight is received first."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._send((STOP, None), dest=1, tag=TAG_WORK)
+        self._receiver.join(timeout=30)
+        with self._send_lock:
+            for request in self._sends:
+                request.wait()
+            self._sends.clear()
+
+    def _send(self, message, dest: int, tag: int) -> None:
+        with self._send_lock:
+            self._sends = [r for r in self._sends if not r.Test()]
+            self._sends.append(self._comm.isend(message, dest=dest, tag=tag))
+
+    def _receive_results(self) -> None:
+        from mpi4py import MPI
+
+        while True:
+            if not self._comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT):
+                time.sleep(IDLE_POLL_S)
+                continue
+            kind, payload = self._comm.recv(source=MPI.ANY_SOURCE, tag=TAG_RESULT)
+            if kind == "result":
+                self._on_result(payload)
+            elif kind == "stats":  # a stage's stats, sent after each KV op
+                self._stats[payload["stage"]] = payload
+            elif kind == STOPPED:
+                return
+
+
+def run_stage_worker(model_dir: str, layer_ranges: list[tuple[int, int]], dtype: torch.dtype,
+                     kv_budget_bytes: int | None = None) -> None:
+    """Ranks 1..N: serve one stage until rank 0 says stop."""
+    _StageWorker(model_dir, layer_ranges, dtype, kv_budget_bytes).serve()
+
+
+class _StageWorker:
+    def __init__(self, model_dir: str, layer_ranges: list[tuple[int, int]], dtype: torch.dtype,
+                 kv_budget_bytes: int | None) -> None:
+        self.comm = _comm()
+        self.rank, size = self.comm.Get_rank(), self.comm.Get_size()
+        index, num_stages = self.rank - 1, size - 1
+        start, end = layer_ranges[index]
+        torch.set_grad_enabled(False)
+        model = StageModel.load(model_dir, start, end, with_embed=index == 0, with_head=index == num_stages - 1,
+                                dtype=dtype)
+        self.stage = Stage(model, index, kv_budget_bytes)
+        self.next_rank = self.rank + 1 if self.rank + 1 < size else None
+        self._sends: list = []
+
+    def serve(self) -> None:
+        while True:
+            self.drain_control()
+            if not self.comm.iprobe(source=self.rank - 1, tag=TAG_WORK):
+                time.sleep(IDLE_POLL_S)
+                continue
+            item, hidden = self.comm.recv(source=self.rank - 1, tag=TAG_WORK)
+            if isinstance(item, Run):
+                self._handle_run(item, hidden)
+            elif item == STOP:
+                break
+            else:
+                self._handle_kv_op(item)
+        if self.next_rank is not None:
+            self._send((STOP, None), dest=self.next_rank, tag=TAG_WORK)
+        else:
+            self._send((STOPPED, None), dest=0, tag=TAG_RESULT)
+        for request in self._sends:
+            request.wait()
+        self.drain_control()
+
+    def drain_control(self) -> None:
+        """Apply pending cancellations: before each message and between layers."""
+        while self.comm.iprobe(source=0, tag=TAG_CONTROL):
+            _, seq_id, run_ids = self.comm.recv(source=0, tag=TAG_CONTROL)
+            self.stage.cancel(seq_id, run_ids)
+
+    def _handle_run(self, run: Run, hidden) -> None:
+        try:
+            out = self.stage.process(run, hidden, before_layer=lambda layer: self.drain_control())
+        except Exception as exc:
+            log.exception("stage %d failed on run %d", self.stage.stage_index, run.run_id)
+            out = RunResult(run.run_id, run.seq_id, error=f"stage {self.stage.stage_index}: {exc!r}")
+        if isinstance(out, RunResult):
+            self._send(("result", out), dest=0, tag=TAG_RESULT)
+        elif out is not None:
+            self._send((run, out), dest=self.next_rank, tag=TAG_WORK)
+
+    def _handle_kv_op(self, op: KVOp) -> None:
+        try:
+            self.stage.apply(op)
+        except Exception as exc:
+            self._send(("result", RunResult(-1, op.seq_id, error=f"stage {self.stage.stage_index}: {exc!r}")),
+                       dest=0, tag=TAG_RESULT)
+        if self.next_rank is not None:
+            self._send((op, None), dest=self.next_rank, tag=TAG_WORK)
+        self._send(("stats", self.stage.stats()), dest=0, tag=TAG_RESULT)  # KV use, for metrics
+
+    def _send(self, message, dest: int, tag: int) -> None:
+        self._sends = [r for r in self._sends if not r.Test()]
+        self._sends.append(self.comm.isend(message, dest=dest, tag=tag))

@@ -1,0 +1,194 @@
+"""Stages as Ray actors, one process each, holding only their layers.
+
+Hidden states go actor to actor: the coordinator chains the calls by passing
+each stage's output ObjectRef to the next stage, so the tensors never come
+back through it; only the last stage's small RunResult does. Runs and KV ops
+are submitted by this one caller on each actor's "compute" group (max
+concurrency 1), so every stage sees them in the same order. Cancellation goes
+on the "control" group and reaches a stage while it computes; the stage
+checks it between layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from pipeline.stage import Stage
+from pipeline.stage_model import StageModel
+from pipeline.transport import ResultSink
+from pipeline.types import KVOp, Run, RunResult
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Start a private local Ray (address None), or join a running cluster ("auto" or an address)."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address is None:
+        # "local" never attaches to a cluster someone else started on this host. Logical
+        # CPUs only gate scheduling: advertise enough for several stages on a small machine.
+        ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlacement:
+    layer_start: int
+    layer_end: int
+    num_cpus: float = 1.0
+    resources: dict[str, float] | None = None  # custom node resources, e.g. {"node_a": 1}
+    kv_budget_bytes: int | None = None  # refuse new sequences beyond this much KV
+    layer_delay_s: float = 0.0  # simulate a slower machine: sleep before each layer
+
+
+@ray.remote(concurrency_groups={"control": 1, "compute": 1})
+class StageActor:
+    def __init__(self, model_dir: str, placement: StagePlacement, stage_index: int, num_stages: int,
+                 dtype: torch.dtype) -> None:
+        torch.set_grad_enabled(False)
+        model = StageModel.load(model_dir, placement.layer_start, placement.layer_end,
+                                with_embed=stage_index == 0, with_head=stage_index == num_stages - 1, dtype=dtype)
+        self.stage = Stage(model, stage_index, kv_budget_bytes=placement.kv_budget_bytes)
+        self._before_layer = (lambda layer: time.sleep(placement.layer_delay_s)) if placement.layer_delay_s else None
+
+    @ray.method(concurrency_group="compute")
+    def process(self, run: Run, hidden):
+        """hidden: the previous stage's output, or None (first stage / skipped upstream)."""
+        if isinstance(hidden, RunResult):  # an error upstream: pass it on
+            return hidden
+        if hidden is None and not self.stage.is_first:
+            return None  # cancelled upstream
+        try:
+            return self.stage.process(run, hidden, self._before_layer)
+        except Exception as exc:
+            log.exception("stage %d failed on run %d", self.stage.stage_index, run.run_id)
+            return RunResult(run.run_id, run.seq_id, error=f"stage {self.stage.stage_index}: {exc!r}")
+
+    @ray.method(concurrency_group="compute")
+    def apply(self, op: KVOp) -> str | None:
+        try:
+            self.stage.apply(op)
+            return None
+        except Exception as exc:
+            return f"stage {self.stage.stage_index}: {exc!r}"
+
+    @ray.method(concurrency_group="control")
+    def cancel(self, seq_id: int, run_ids: list[int]) -> None:
+        self.stage.cancel(seq_id, run_ids)
+
+    @ray.method(concurrency_group="control")
+    def stats(self) -> dict:
+        return {**self.stage.stats(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+
+class RayTransport:
+    def __init__(self, model_dir: str, placements: list[StagePlacement], dtype: torch.dtype = torch.float32,
+                 strategy: str = "PACK", max_restarts: int = -1) -> None:
+        if not ray.is_initialized():
+            raise RuntimeError("call ray.init() (or cluster.ray_cluster.connect) before creating a RayTransport")
+        self.num_stages = len(placements)
+        bundles = [{"CPU": p.num_cpus, **(p.resources or {})} for p in placements]
+        self.placement_group = placement_group(bundles, strategy=strategy)
+        ray.get(self.placement_group.ready(), timeout=300)
+        self.actors = [
+            StageActor.options(
+                num_cpus=p.num_cpus, resources=p.resources or {}, max_restarts=max_restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
+            ).remote(model_dir, p, i, len(placements), dtype)
+            for i, p in enumerate(placements)
+        ]
+        ray.get([a.stats.remote() for a in self.actors], timeout=600)  # loaded and ready
+        # final ref -> (run_id, seq_id, submitted_at); run_id -1 for KV ops
+        self._pending: dict[ray.ObjectRef, tuple[int, int, float]] = {}
+        self._last_failure_at = float("-inf")
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._closed = False
+        self._on_result: ResultSink | None = None
+        self._waiter = threading.Thread(target=self._wait_for_results, name="ray-results", daemon=True)
+
+    def start(self, on_result: ResultSink) -> None:
+        self._on_result = on_result
+        self._waiter.start()
+
+    def submit(self, run: Run) -> None:
+        hidden = None
+        for actor in self.actors:
+            hidden = actor.process.remote(run, hidden)  # a ref: the tensor moves actor to actor
+        self._track(hidden, run.run_id, run.seq_id)
+
+    def send_kv_op(self, op: KVOp) -> None:
+        for actor in self.actors:
+            self._track(actor.apply.remote(op), -1, op.seq_id)
+
+    def cancel(self, seq_id: int, run_ids: list[int]) -> None:
+        for actor in self.actors:
+            actor.cancel.remote(seq_id, run_ids)
+
+    def is_alive(self) -> bool:
+        try:
+            ray.get([a.stats.remote() for a in self.actors], timeout=5)
+            return True
+        except (RayError, TimeoutError):
+            return False
+
+    def stage_stats(self) -> list[dict]:
+        return ray.get([a.stats.remote() for a in self.actors], timeout=30)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement_group)
+
+    def _track(self, ref: ray.ObjectRef, run_id: int, seq_id: int) -> None:
+        with self._lock:
+            self._pending[ref] = (run_id, seq_id, time.monotonic())
+        self._wakeup.set()
+
+    def _wait_for_results(self) -> None:
+        while not self._closed:
+            with self._lock:
+                refs = list(self._pending)
+            if not refs:
+                self._wakeup.wait(0.5)
+                self._wakeup.clear()
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
+            for ref in ready:
+                with self._lock:
+                    run_id, seq_id, submitted_at = self._pending.pop(ref)
+                self._deliver(ref, run_id, seq_id, submitted_at)
+
+    def _deliver(self, ref: ray.ObjectRef, run_id: int, seq_id: int, submitted_at: float) -> None:
+        try:
+            value = ray.get(ref)
+        except RayActorError as exc:
+            # A stage died and lost every sequence's KV: fail them all, once
+            # (later errors from work sent before this failure are covered).
+            if submitted_at > self._last_failure_at:
+                self._last_failure_at = time.monotonic()
+                self._on_result(RunResult(-1, -1, error=f"a stage process died ({type(exc).__name__}); "
+                                                        "its requests failed and it is being restarted"))
+            return
+        except RayError as exc:
+            value = RunResult(run_id, seq_id, error=f"{type(exc).__name__}: {exc}")
+        if isinstance(value, RunResult):
+            self._on_result(value)
+        elif isinstance(value, str):  # a KV op failed on a stage
+            self._on_result(RunResult(-1, seq_id, error=value))

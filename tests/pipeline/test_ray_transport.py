@@ -1,0 +1,127 @@
+"""Stages as Ray actors in their own processes: lossless, only their layers,
+cancellation between layers, many requests at once, a stage that dies."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+import ray
+
+from pipeline.coordinator import Coordinator
+from pipeline.engine import Engine, EngineConfig, GenerationError
+from pipeline.partition import even_split
+from pipeline.ray_transport import RayTransport, StagePlacement, ensure_ray
+from pipeline.speculation import SpeculationConfig
+from pipeline.types import GenerationRequest, Mode
+from draft_models import load_draft
+from tests.helpers import greedy_reference
+from tests.pipeline.test_stage_model import full_model_bytes
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ensure_ray(None)
+    yield
+    ray.shutdown()
+
+
+def ray_engine(model_dir, draft, stages, mode, layer_delay_s=0.0, **speculation):
+    """An Engine over a RayTransport (optionally with slow layers)."""
+    ranges = even_split(4, stages)
+    transport = RayTransport(str(model_dir), [StagePlacement(a, b, layer_delay_s=layer_delay_s) for a, b in ranges])
+    spec = SpeculationConfig(mode=Mode(mode), **speculation)
+    coordinator = Coordinator(transport, load_draft(draft, model_dir), spec, max_context=512)
+    return Engine(EngineConfig(model=str(model_dir), draft=draft, num_stages=stages, transport="ray",
+                               speculation=spec), model_dir, coordinator)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("mode", ["ar", "sync", "pipeinfer"])
+def test_ray_stages_are_lossless(tiny_target, unrelated_draft, stages, mode):
+    draft = {"ar": "none", "sync": str(tiny_target), "pipeinfer": str(unrelated_draft)}[mode]
+    with ray_engine(tiny_target, draft, stages, mode, confidence_cutoff=0.0) as engine:
+        for prompt, max_tokens in (([3, 4, 5], 17), ([50, 51, 50, 51], 9)):
+            out = engine.complete(GenerationRequest(tuple(prompt), max_tokens))
+            assert out.token_ids == greedy_reference(tiny_target, prompt, max_tokens), (stages, mode)
+
+
+def test_actors_are_processes_holding_only_their_layers(tiny_target):
+    with ray_engine(tiny_target, "none", 2, "ar") as engine:
+        stats = engine.stage_stats()
+    pids = {s["pid"] for s in stats}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert [s["layers"] for s in stats] == [[0, 2], [2, 4]]
+    assert sum(s["parameter_bytes"] for s in stats) == full_model_bytes(tiny_target)
+
+
+def test_cancellation_reaches_a_stage_mid_forward(tiny_target, unrelated_draft):
+    """Slow layers (20 ms each): a refuted speculative run is stopped between layers."""
+    with ray_engine(tiny_target, str(unrelated_draft), 2, "pipeinfer", layer_delay_s=0.02,
+                    confidence_cutoff=0.0, max_runs_in_flight=3) as engine:
+        out = engine.complete(GenerationRequest((11, 12, 13), 10))
+        stats = engine.stage_stats()
+    assert out.token_ids == greedy_reference(tiny_target, [11, 12, 13], 10)
+    assert out.stats.num_runs_cancelled > 0
+    assert sum(s["num_runs_stopped_mid_forward"] for s in stats) >= 1, stats
+
+
+def test_eight_concurrent_requests(tiny_target):
+    prompts = [[i + 2, 2 * i + 3, 40 + i][: 1 + i % 3] for i in range(8)]
+    lengths = [5 + 3 * i for i in range(8)]
+    outputs: dict[int, list[int]] = {}
+    with ray_engine(tiny_target, "layers:2", 2, "pipeinfer", confidence_cutoff=0.0) as engine:
+        def work(i):
+            outputs[i] = engine.complete(GenerationRequest(tuple(prompts[i]), lengths[i])).token_ids
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        deadline = time.monotonic() + 10
+        while any(s["num_sequences"] for s in engine.stage_stats()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(s["kv_bytes"] == 0 for s in engine.stage_stats())
+    for i in range(8):
+        assert outputs[i] == greedy_reference(tiny_target, prompts[i], lengths[i]), i
+
+
+def test_a_killed_stage_fails_its_request_then_recovers(tiny_target):
+    with ray_engine(tiny_target, "none", 2, "ar", layer_delay_s=0.01) as engine:
+        victim = engine.stage_stats()[1]["pid"]
+        failure: dict = {}
+
+        def long_request():
+            started = time.monotonic()
+            try:
+                engine.complete(GenerationRequest((1, 2, 3), 400))
+            except GenerationError as exc:
+                failure["error"], failure["after_s"] = str(exc), time.monotonic() - started
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        time.sleep(2.0)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        thread.join(60)
+        assert not thread.is_alive(), "the request hung after its stage died"
+        assert re.search("a stage process died|a pipeline stage stopped", failure["error"]), failure
+        assert time.monotonic() - killed_at < 30
+        # The actor is restarted with its weights; later requests are served.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                out = engine.complete(GenerationRequest((4, 5), 6))
+                break
+            except GenerationError:
+                assert time.monotonic() < deadline, "the stage never came back"
+                time.sleep(1)
+        assert out.token_ids == greedy_reference(tiny_target, [4, 5], 6)
+        assert engine.stage_stats()[1]["pid"] != victim
