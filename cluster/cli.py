@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from cluster import up as cluster_up
+from cluster.spec import SpecError
 from draft_models import DraftSpecError
 from pipeline.engine import DTYPES, TRANSPORTS, Engine, EngineConfig, GenerationError
 from pipeline.model_source import ModelSourceError
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "transport", None) == "mpi" and _serve_mpi_stage(args):
             return 0
         return args.handler(args)
-    except (ModelSourceError, DraftSpecError, GenerationError, ValueError) as exc:
+    except (ModelSourceError, DraftSpecError, GenerationError, SpecError, ValueError) as exc:
         print(f"pipeinfer: error: {exc}", file=sys.stderr)
         if getattr(args, "transport", None) == "mpi":
             from pipeline.mpi_transport import abort_all_ranks
@@ -62,6 +64,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond that before 429")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     serve.set_defaults(handler=_serve)
+
+    up = commands.add_parser("up", help="start a deployment from a cluster YAML file")
+    up.add_argument("spec", help="the cluster YAML file (see examples/)")
+    up.add_argument("--foreground", action="store_true", help="stay attached instead of returning once healthy")
+    up.set_defaults(handler=lambda args: cluster_up.up(args.spec, args.foreground))
+
+    plan = commands.add_parser("plan", help="print the layer split and memory per stage, start nothing")
+    plan.add_argument("spec", help="the cluster YAML file")
+    plan.set_defaults(handler=lambda args: print(cluster_up.plan(args.spec)) or 0)
+
+    for name, help_text in (("status", "show a deployment's stage map, KV use and requests"),
+                            ("down", "stop everything `pipeinfer up` started, and nothing else")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--name", default="pipeinfer", help="the deployment's name (the spec's `name`)")
+        command.set_defaults(handler=lambda args, fn=getattr(cluster_up, name): fn(args.name))
     return parser
 
 

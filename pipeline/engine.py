@@ -18,7 +18,7 @@ from draft_models import load_draft
 from pipeline.coordinator import Coordinator
 from pipeline.local_transport import LayerDelay, LocalTransport
 from pipeline.model_source import load_config, resolve_model
-from pipeline.partition import even_split
+from pipeline.partition import StagePlan, even_plans
 from pipeline.speculation import SpeculationConfig
 from pipeline.stage import Stage
 from pipeline.stage_model import StageModel
@@ -40,6 +40,8 @@ class EngineConfig:
     transport: str = "local"  # local | ray | mpi
     ray_address: str | None = None  # ray transport: None starts a local Ray; "auto" or an address joins one
     kv_budget_bytes: int | None = None  # per stage: new sequences are refused beyond it
+    stage_plans: tuple[StagePlan, ...] | None = None  # explicit layers/resources per stage; None: even split
+    placement_strategy: str = "PACK"  # ray: PACK, or STRICT_SPREAD for one stage per node
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
@@ -77,13 +79,13 @@ class Engine:
         model_dir = resolve_model(config.model, show_progress)
         model_config = load_config(model_dir)
         dtype = DTYPES[config.dtype]
-        ranges = even_split(model_config.num_hidden_layers, config.num_stages)
-        transport = _make_transport(config, model_dir, ranges, dtype, layer_delay, show_progress)
+        plans = config.stage_plans or even_plans(model_config.num_hidden_layers, config.num_stages)
+        transport = _make_transport(config, model_dir, plans, dtype, layer_delay, show_progress)
         draft = load_draft(config.draft, model_dir, dtype=dtype, show_progress=show_progress)
         max_context = model_config.max_position_embeddings
         coordinator = Coordinator(transport, draft, config.speculation, max_context)
-        log.info("engine ready: %s, %d %s stage(s) %s, draft %s, mode %s", model_dir, len(ranges), config.transport,
-                 ranges, config.draft, config.speculation.mode.value)
+        log.info("engine ready: %s, %d %s stage(s) %s, draft %s, mode %s", model_dir, len(plans), config.transport,
+                 [(p.layer_start, p.layer_end) for p in plans], config.draft, config.speculation.mode.value)
         return cls(config, model_dir, coordinator)
 
     @property
@@ -183,22 +185,21 @@ class EventStream:
             self.abort()
 
 
-def _make_transport(config: EngineConfig, model_dir: Path, ranges: list[tuple[int, int]], dtype: torch.dtype,
+def _make_transport(config: EngineConfig, model_dir: Path, plans: tuple[StagePlan, ...], dtype: torch.dtype,
                     layer_delay: LayerDelay | None, show_progress: bool) -> Transport:
     if config.transport == "ray":
-        from pipeline.ray_transport import RayTransport, StagePlacement, ensure_ray
+        from pipeline.ray_transport import RayTransport, ensure_ray
 
         ensure_ray(config.ray_address)
-        placements = [StagePlacement(a, b, kv_budget_bytes=config.kv_budget_bytes) for a, b in ranges]
-        return RayTransport(str(model_dir), placements, dtype)
+        return RayTransport(str(model_dir), list(plans), dtype, config.placement_strategy, config.kv_budget_bytes)
     if config.transport == "mpi":
         from pipeline.mpi_transport import MPITransport
 
-        return MPITransport(len(ranges))
+        return MPITransport(len(plans))
     stages = []
-    for index, (start, end) in enumerate(tqdm(ranges, desc="loading stages", unit="stage", disable=not show_progress)):
-        model = StageModel.load(model_dir, start, end, with_embed=index == 0, with_head=index == len(ranges) - 1,
-                                dtype=dtype)
+    for index, plan in enumerate(tqdm(plans, desc="loading stages", unit="stage", disable=not show_progress)):
+        model = StageModel.load(model_dir, plan.layer_start, plan.layer_end, with_embed=index == 0,
+                                with_head=index == len(plans) - 1, dtype=DTYPES.get(plan.dtype, dtype))
         stages.append(Stage(model, index, config.kv_budget_bytes))
     return LocalTransport(stages, layer_delay)
 

@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlan:
+    """One stage: its layers [layer_start, layer_end), and what it needs where it runs."""
+
+    layer_start: int
+    layer_end: int
+    num_cpus: float = 1.0  # logical CPUs reserved for a stage actor
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray node resources, e.g. {"node_a": 1}
+    dtype: str | None = None  # None: the engine's dtype
+
 
 def even_split(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
     """[start, end) per stage, sizes differing by at most one (earlier stages larger)."""
@@ -16,3 +29,7 @@ def even_split(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
         ranges.append((start, end))
         start = end
     return ranges
+
+
+def even_plans(num_layers: int, num_stages: int) -> tuple[StagePlan, ...]:
+    return tuple(StagePlan(start, end) for start, end in even_split(num_layers, num_stages))

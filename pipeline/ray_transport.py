@@ -15,7 +15,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 import ray
 import torch
@@ -23,12 +22,16 @@ from ray.exceptions import RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pipeline.partition import StagePlan
 from pipeline.stage import Stage
 from pipeline.stage_model import StageModel
 from pipeline.transport import ResultSink
 from pipeline.types import KVOp, Run, RunResult
 
 log = logging.getLogger(__name__)
+
+PLACEMENT_TIMEOUT_S = 120
+DTYPE_OF = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -45,25 +48,15 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=False)
 
 
-@dataclass(frozen=True, slots=True)
-class StagePlacement:
-    layer_start: int
-    layer_end: int
-    num_cpus: float = 1.0
-    resources: dict[str, float] | None = None  # custom node resources, e.g. {"node_a": 1}
-    kv_budget_bytes: int | None = None  # refuse new sequences beyond this much KV
-    layer_delay_s: float = 0.0  # simulate a slower machine: sleep before each layer
-
-
 @ray.remote(concurrency_groups={"control": 1, "compute": 1})
 class StageActor:
-    def __init__(self, model_dir: str, placement: StagePlacement, stage_index: int, num_stages: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, model_dir: str, plan: StagePlan, stage_index: int, num_stages: int, dtype: torch.dtype,
+                 kv_budget_bytes: int | None, layer_delay_s: float) -> None:
         torch.set_grad_enabled(False)
-        model = StageModel.load(model_dir, placement.layer_start, placement.layer_end,
+        model = StageModel.load(model_dir, plan.layer_start, plan.layer_end,
                                 with_embed=stage_index == 0, with_head=stage_index == num_stages - 1, dtype=dtype)
-        self.stage = Stage(model, stage_index, kv_budget_bytes=placement.kv_budget_bytes)
-        self._before_layer = (lambda layer: time.sleep(placement.layer_delay_s)) if placement.layer_delay_s else None
+        self.stage = Stage(model, stage_index, kv_budget_bytes)
+        self._before_layer = (lambda layer: time.sleep(layer_delay_s)) if layer_delay_s else None
 
     @ray.method(concurrency_group="compute")
     def process(self, run: Run, hidden):
@@ -96,20 +89,28 @@ class StageActor:
 
 
 class RayTransport:
-    def __init__(self, model_dir: str, placements: list[StagePlacement], dtype: torch.dtype = torch.float32,
-                 strategy: str = "PACK", max_restarts: int = -1) -> None:
+    """layer_delay_s sleeps before every layer: a slower machine, for tests."""
+
+    def __init__(self, model_dir: str, plans: list[StagePlan], dtype: torch.dtype = torch.float32,
+                 strategy: str = "PACK", kv_budget_bytes: int | None = None, layer_delay_s: float = 0.0,
+                 max_restarts: int = -1) -> None:
         if not ray.is_initialized():
-            raise RuntimeError("call ray.init() (or cluster.ray_cluster.connect) before creating a RayTransport")
-        self.num_stages = len(placements)
-        bundles = [{"CPU": p.num_cpus, **(p.resources or {})} for p in placements]
+            raise RuntimeError("call ensure_ray() before creating a RayTransport")
+        self.num_stages = len(plans)
+        bundles = [{"CPU": p.num_cpus, **p.resources} for p in plans]
         self.placement_group = placement_group(bundles, strategy=strategy)
-        ray.get(self.placement_group.ready(), timeout=300)
+        try:
+            ray.get(self.placement_group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.placement_group)
+            raise RuntimeError(f"the cluster cannot place the stages {bundles} ({strategy}) within "
+                               f"{PLACEMENT_TIMEOUT_S} s: check the nodes' CPUs and custom resources") from None
         self.actors = [
             StageActor.options(
-                num_cpus=p.num_cpus, resources=p.resources or {}, max_restarts=max_restarts,
+                num_cpus=p.num_cpus, resources=p.resources, max_restarts=max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
-            ).remote(model_dir, p, i, len(placements), dtype)
-            for i, p in enumerate(placements)
+            ).remote(model_dir, p, i, len(plans), DTYPE_OF.get(p.dtype, dtype), kv_budget_bytes, layer_delay_s)
+            for i, p in enumerate(plans)
         ]
         ray.get([a.stats.remote() for a in self.actors], timeout=600)  # loaded and ready
         # final ref -> (run_id, seq_id, submitted_at); run_id -1 for KV ops

@@ -100,6 +100,8 @@ class Stage:
             return RunResult(run.run_id, run.seq_id, error=f"stage {self.stage_index}: {exc}")
         if self.is_first:
             hidden = self.model.embed(run.token_ids)
+        elif hidden.dtype != self.model.dtype:  # stages may compute in different dtypes
+            hidden = hidden.to(self.model.dtype)
         hidden = self.model.forward_layers(hidden, run_kv, lambda: self.is_cancelled(run), before_layer)
         if hidden is None:
             self.counters.num_runs_stopped_mid_forward += 1

@@ -14,8 +14,8 @@ import ray
 
 from pipeline.coordinator import Coordinator
 from pipeline.engine import Engine, EngineConfig, GenerationError
-from pipeline.partition import even_split
-from pipeline.ray_transport import RayTransport, StagePlacement, ensure_ray
+from pipeline.partition import even_plans
+from pipeline.ray_transport import RayTransport, ensure_ray
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import GenerationRequest, Mode
 from draft_models import load_draft
@@ -34,8 +34,7 @@ def local_ray():
 
 def ray_engine(model_dir, draft, stages, mode, layer_delay_s=0.0, **speculation):
     """An Engine over a RayTransport (optionally with slow layers)."""
-    ranges = even_split(4, stages)
-    transport = RayTransport(str(model_dir), [StagePlacement(a, b, layer_delay_s=layer_delay_s) for a, b in ranges])
+    transport = RayTransport(str(model_dir), list(even_plans(4, stages)), layer_delay_s=layer_delay_s)
     spec = SpeculationConfig(mode=Mode(mode), **speculation)
     coordinator = Coordinator(transport, load_draft(draft, model_dir), spec, max_context=512)
     return Engine(EngineConfig(model=str(model_dir), draft=draft, num_stages=stages, transport="ray",

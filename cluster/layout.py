@@ -1,0 +1,165 @@
+"""From a cluster spec to a stage layout: which layers each stage runs, what
+it costs, where it must go, and whether it fits.
+
+The automatic split balances compute per token: every decoder layer costs
+its parameter bytes; the last stage also runs the final norm and the head
+(for a small-vocabulary model the head alone is several layers' worth); the
+stage whose node runs the draft also pays the draft's parameter bytes. Memory
+per stage is its parameter bytes (the first stage also holds the embeddings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+from cluster.spec import ClusterSpec, SpecError
+from pipeline.model_source import load_config, resolve_model
+from pipeline.partition import StagePlan
+
+GB = 1024**3
+MB = 1024**2
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCosts:
+    layer_params: list[int]  # [num_layers]
+    embed_params: int
+    head_params: int  # final norm + lm_head (tied or not, the head computes it)
+    is_tied: bool  # lm_head is the embedding matrix
+
+
+@dataclass(frozen=True, slots=True)
+class StageLayout:
+    plan: StagePlan
+    compute_params: int  # parameters touched per token
+    memory_bytes: int
+    memory_limit_bytes: int | None
+
+
+def model_costs(model_dir: Path) -> ModelCosts:
+    """Parameter counts per layer, read from the checkpoint headers (no weights loaded)."""
+    config = load_config(model_dir)
+    layer_params = [0] * config.num_hidden_layers
+    embed = head = 0
+    files = sorted(model_dir.glob("*.safetensors"))
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                numel = 1
+                for dim in f.get_slice(key).get_shape():
+                    numel *= dim
+                if key.startswith("model.layers."):
+                    layer_params[int(key.split(".")[2])] += numel
+                elif key == "model.embed_tokens.weight":
+                    embed += numel
+                else:  # model.norm.weight, lm_head.weight
+                    head += numel
+    is_tied = bool(getattr(config, "tie_word_embeddings", False))
+    if is_tied:
+        head += embed  # the head multiplies by the embedding matrix
+    return ModelCosts(layer_params, embed, head, is_tied)
+
+
+def balanced_ranges(costs: ModelCosts, num_stages: int, extra_cost: dict[int, int]) -> list[tuple[int, int]]:
+    """Contiguous ranges minimising the largest stage cost (exact, by dynamic programming)."""
+    n = len(costs.layer_params)
+    if num_stages > n:
+        raise SpecError(f"cannot split {n} layers over {num_stages} stages")
+    prefix = [0]
+    for p in costs.layer_params:
+        prefix.append(prefix[-1] + p)
+
+    def stage_cost(stage: int, start: int, end: int) -> int:
+        cost = prefix[end] - prefix[start] + extra_cost.get(stage, 0)
+        return cost + (costs.head_params if stage == num_stages - 1 else 0)
+
+    inf = float("inf")
+    # best[s][i]: the smallest max cost placing layers [0, i) on stages [0, s)
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0
+    for s in range(1, num_stages + 1):
+        for i in range(s, n - (num_stages - s) + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], stage_cost(s - 1, j, i))
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    ranges, end = [], n
+    for s in range(num_stages, 0, -1):
+        start = cut[s][end]
+        ranges.append((start, end))
+        end = start
+    return ranges[::-1]
+
+
+def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLayout]:
+    model_dir = resolve_model(spec.model, show_progress)
+    costs = model_costs(model_dir)
+    stages = spec.stage_list()
+    extra = {}
+    if spec.draft_stage is not None:
+        extra[spec.draft_stage] = _draft_params(spec.draft, costs, model_dir)
+    if stages[0].layers is not None:
+        ranges = [s.layers for s in stages]
+        _check_contiguous(ranges, len(costs.layer_params))
+    else:
+        ranges = balanced_ranges(costs, len(stages), extra)
+    layouts = []
+    for index, (stage, (start, end)) in enumerate(zip(stages, ranges)):
+        dtype = stage.dtype or spec.dtype
+        is_first, is_last = index == 0, index == len(stages) - 1
+        params = sum(costs.layer_params[start:end])
+        params += costs.embed_params if is_first else 0
+        if is_last:  # a single stage holds a tied matrix once
+            params += costs.head_params - (costs.embed_params if is_first and costs.is_tied else 0)
+        memory = params * DTYPE_BYTES[dtype]
+        compute = sum(costs.layer_params[start:end]) + (costs.head_params if is_last else 0) + extra.get(index, 0)
+        limit = int(stage.memory_gb * GB) if stage.memory_gb else None
+        plan = StagePlan(start, end, num_cpus=stage.num_cpus, resources=dict(stage.resources), dtype=dtype)
+        layouts.append(StageLayout(plan, compute, memory, limit))
+    too_big = [(i, l) for i, l in enumerate(layouts) if l.memory_limit_bytes and l.memory_bytes > l.memory_limit_bytes]
+    if too_big:
+        raise SpecError("; ".join(
+            f"stage {i} (layers {l.plan.layer_start}-{l.plan.layer_end}) needs {l.memory_bytes / MB:.0f} MB of weights "
+            f"but declares memory_gb {l.memory_limit_bytes / GB:g} ({l.memory_limit_bytes / MB:.0f} MB): "
+            f"{(l.memory_bytes - l.memory_limit_bytes) / MB:.0f} MB too much"
+            for i, l in too_big))
+    return layouts
+
+
+def _draft_params(draft: str, costs: ModelCosts, model_dir: Path) -> int:
+    if draft in ("none", "ngram"):
+        return 0
+    if draft.startswith("layers:"):
+        return sum(costs.layer_params[: int(draft.split(":")[1])]) + costs.head_params
+    if draft == "int8":
+        return (sum(costs.layer_params) + costs.head_params) // 4  # int8 weights: a quarter of float32 bytes
+    draft_costs = model_costs(resolve_model(draft, show_progress=False))
+    return sum(draft_costs.layer_params) + draft_costs.head_params
+
+
+def _check_contiguous(ranges: list[tuple[int, int]], num_layers: int) -> None:
+    expected = 0
+    for index, (start, end) in enumerate(ranges):
+        if start != expected:
+            raise SpecError(f"stages[{index}].layers starts at {start}, but the previous stage ends at {expected}")
+        expected = end
+    if expected != num_layers:
+        raise SpecError(f"stages cover layers 0-{expected}, but the model has {num_layers}")
+
+
+def format_layout(layouts: list[StageLayout]) -> str:
+    rows = [("stage", "layers", "dtype", "weights", "limit", "compute share", "resources")]
+    total = sum(l.compute_params for l in layouts)
+    for i, l in enumerate(layouts):
+        rows.append((str(i), f"{l.plan.layer_start}-{l.plan.layer_end}", l.plan.dtype or "",
+                     f"{l.memory_bytes / 1e6:.0f} MB",
+                     f"{l.memory_limit_bytes / 1e6:.0f} MB" if l.memory_limit_bytes else "-",
+                     f"{100 * l.compute_params / total:.0f}%",
+                     ",".join(f"{k}={v:g}" for k, v in (l.plan.resources or {}).items()) or "-"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -1,0 +1,164 @@
+"""The cluster spec: one YAML file describes a deployment (pydantic-validated).
+
+Unknown keys are refused; every error names the field and its line. The
+defaults make a two-line file work:
+
+    model: default
+    stages: 2
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.speculation import SpeculationConfig
+from pipeline.types import Mode
+
+
+class SpecError(ValueError):
+    """A cluster spec that cannot be used; the message names field and line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SpeculationSpec(_Strict):
+    mode: Mode = Field(Mode.PIPEINFER, description="ar, sync or pipeinfer.")
+    draft_len: int = Field(4, ge=1, le=16, description="Most draft tokens per run.")
+    max_runs_in_flight: int = Field(4, ge=1, le=64, description="Most runs in flight per request (pipeinfer).")
+    confidence_cutoff: float = Field(0.4, ge=0, le=1, description="Draft confidence below which drafting stops.")
+    cutoff_recovery: float = Field(0.05, ge=0, le=1, description="Cutoff relaxes by this while the pipeline waits.")
+    cutoff_decay: float = Field(0.1, ge=0, le=1, description="Cutoff tightens by this after a rejection.")
+
+    def to_config(self) -> SpeculationConfig:
+        return SpeculationConfig(**self.model_dump())
+
+
+class StageSpec(_Strict):
+    layers: tuple[int, int] | None = Field(None, description="[start, end) decoder layers; omit to split automatically.")
+    resources: dict[str, float] = Field(default_factory=dict,
+                                        description="Ray node resources this stage needs, e.g. {node_a: 1}.")
+    num_cpus: float = Field(1.0, gt=0, description="Logical CPUs reserved for the stage actor.")
+    memory_gb: float | None = Field(None, gt=0, description="Memory the stage may use; the split must fit it.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Overrides the top-level dtype.")
+    device: Literal["cpu"] = Field("cpu", description="Where the stage computes (GPU stages: see the vLLM issue).")
+
+    @field_validator("layers")
+    @classmethod
+    def _ordered(cls, value):
+        if value is not None and not 0 <= value[0] < value[1]:
+            raise ValueError(f"layers must be [start, end) with 0 <= start < end, got {list(value)}")
+        return value
+
+
+class RaySpec(_Strict):
+    address: str | None = Field(None, description="'auto', HOST:PORT, or absent to start a private local Ray.")
+    placement: Literal["pack", "spread"] = Field("pack", description="spread = STRICT_SPREAD: one stage per node.")
+
+
+class GatewaySpec(_Strict):
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=1, le=65535)
+    served_model_name: str | None = Field(None, description="Name clients send; default from the model.")
+    api_key_envs: list[str] = Field(default_factory=list,
+                                    description="Environment variables holding accepted API keys.")
+    max_running: int = Field(8, ge=1, description="Requests generating at once.")
+    max_waiting: int = Field(64, ge=0, description="Requests queued beyond that before 429.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+
+
+class ClusterSpec(_Strict):
+    name: str = Field("pipeinfer", pattern=r"^[A-Za-z0-9_.-]+$", description="Names this deployment (for down/status).")
+    model: str = Field("default", description="'default', a Hugging Face directory, or a .gguf file.")
+    draft: str = Field("none", description="none | ngram | layers:N | int8 | PATH.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Default compute dtype.")
+    speculation: SpeculationSpec = Field(default_factory=SpeculationSpec)
+    stages: int | list[StageSpec] = Field(1, description="A count (split automatically) or one entry per stage.")
+    stage_memory_gb: float | None = Field(None, gt=0, description="With a stage count: memory each stage may use.")
+    draft_stage: int | None = Field(0, ge=0, description="The stage whose node also runs the draft (takes fewer layers).")
+    transport: Literal["local", "ray"] = Field("ray", description="Where stages run.")
+    ray: RaySpec = Field(default_factory=RaySpec)
+    kv_budget_bytes: int | None = Field(None, ge=1, description="Per stage: refuse new requests beyond this KV.")
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
+
+    @field_validator("stages")
+    @classmethod
+    def _some_stages(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("stages must be >= 1")
+        if isinstance(value, list) and not value:
+            raise ValueError("stages must list at least one stage")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        stages = self.stage_list()
+        explicit = [s.layers is not None for s in stages]
+        if any(explicit) and not all(explicit):
+            raise ValueError("stages: give layers for every stage or for none")
+        if self.draft_stage is not None and self.draft_stage >= len(stages):
+            raise ValueError(f"draft_stage {self.draft_stage} does not exist ({len(stages)} stages)")
+        return self
+
+    def stage_list(self) -> list[StageSpec]:
+        if isinstance(self.stages, int):
+            return [StageSpec(memory_gb=self.stage_memory_gb) for _ in range(self.stages)]
+        return list(self.stages)
+
+
+def load_spec(path: str | Path) -> ClusterSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of fields at the top level")
+    try:
+        return ClusterSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_describe(path, exc, root)) from None
+
+
+def _describe(path: Path, exc: ValidationError, root) -> str:
+    lines = []
+    for error in exc.errors():
+        location = [part for part in error["loc"] if not (isinstance(part, str) and part in ("int", "list[StageSpec]"))]
+        field = ".".join(str(p) for p in location) or "(top level)"
+        line = _line_of(root, location)
+        where = f"line {line}" if line else "top level"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"{path}:{where}: {field}: {message}")
+    return "\n".join(lines)
+
+
+def _line_of(node, location: list[Any]) -> int | None:
+    """1-based line of the YAML node at `location` (or of its nearest parent)."""
+    line = None
+    for part in location:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+

@@ -1,0 +1,80 @@
+"""The YAML cluster spec: good files load; every error names the field and its line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.layout import balanced_ranges, model_costs, plan_layout
+from cluster.spec import SpecError, load_spec
+from tests.pipeline.test_stage_model import full_model_bytes
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_two_lines_are_enough(tmp_path):
+    spec = load_spec(write(tmp_path, "model: default\nstages: 2\n"))
+    assert spec.transport == "ray" and spec.speculation.mode.value == "pipeinfer"
+    assert len(spec.stage_list()) == 2 and spec.gateway.host == "127.0.0.1" and spec.gateway.port == 8000
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "multi-node.yaml"])
+def test_examples_are_valid(name):
+    spec = load_spec(EXAMPLES / name)
+    assert spec.model == "default"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("model: default\nstagez: 2\n", "line 2: stagez: unknown field"),
+    ("model: default\nstages: 0\n", "line 2: stages: stages must be >= 1"),
+    ("stages: 2\nspeculation:\n  mode: turbo\n", "line 3: speculation.mode: Input should be 'ar', 'sync' or 'pipeinfer'"),
+    ("stages: 2\nspeculation:\n  draft_len: 0\n", "line 3: speculation.draft_len: Input should be greater than or equal to 1"),
+    ("stages:\n  - layers: [0, 10]\n  - layers: [10, 30]\n    resourcez: {a: 1}\n", "line 4: stages.1.resourcez: unknown field"),
+    ("stages:\n  - layers: [5, 2]\n", "line 2: stages.0.layers: layers must be [start, end)"),
+    ("stages:\n  - layers: [0, 10]\n  - {}\n", "stages: give layers for every stage or for none"),
+    ("gateway:\n  port: 99999\n", "line 2: gateway.port: Input should be less than or equal to 65535"),
+    ("ray:\n  placement: everywhere\n", "line 2: ray.placement: Input should be 'pack' or 'spread'"),
+    ("stages: 2\ndraft_stage: 5\n", "draft_stage 5 does not exist (2 stages)"),
+    ("dtype: float64\n", "line 1: dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+    ("- just\n- a list\n", "expected a mapping of fields at the top level"),
+    ("model: [unclosed\n", "not valid YAML"),
+])
+def test_bad_files_name_the_field_and_line(tmp_path, text, expected):
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    assert expected in str(info.value)
+    assert str(tmp_path / "spec.yaml") in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="No such file"):
+        load_spec(tmp_path / "absent.yaml")
+
+
+@pytest.mark.slow
+def test_automatic_split_balances_compute_with_head_and_draft(default_model):
+    costs = model_costs(default_model)
+    assert len(costs.layer_params) == 30 and costs.is_tied
+    plain = balanced_ranges(costs, 2, {})
+    assert plain[0][0] == 0 and plain[-1][1] == 30
+    # The head (a 49152 x 576 matrix) weighs ~8 layers: the last stage gets fewer layers.
+    assert plain[1][1] - plain[1][0] < plain[0][1] - plain[0][0]
+    with_draft = balanced_ranges(costs, 2, {0: 3 * costs.layer_params[0]})
+    assert with_draft[0][1] < plain[0][1]  # the draft's node takes fewer layers
+
+
+@pytest.mark.slow
+def test_a_split_that_does_not_fit_says_by_how_much(tmp_path, default_model):
+    spec = load_spec(write(tmp_path, "model: default\nstages: 2\nstage_memory_gb: 0.2\n"))
+    with pytest.raises(SpecError, match=r"stage 0 \(layers 0-19\) needs 365 MB of weights but declares memory_gb 0\.2 \(205 MB\): 160 MB too much"):
+        plan_layout(spec)
+    layouts = plan_layout(load_spec(write(tmp_path, "model: default\nstages: 2\nstage_memory_gb: 1\n")))
+    # Both ends hold the tied embedding matrix: the first as input, the last as its head.
+    assert sum(layout.memory_bytes for layout in layouts) == full_model_bytes(default_model) + 4 * 49152 * 576

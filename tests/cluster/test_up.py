@@ -1,0 +1,129 @@
+"""`pipeinfer up` on a real multi-node Ray cluster (a head and two worker
+nodes on this machine), then `pipeinfer down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from ray.cluster_utils import Cluster
+from transformers import AutoTokenizer
+
+from tests.helpers import greedy_reference
+
+pytestmark = pytest.mark.integration
+
+PIPEINFER = str(Path(sys.executable).parent / "pipeinfer")
+SMALL_OBJECT_STORE = 100 * 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([PIPEINFER, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1][0] != "Z"
+
+
+@pytest.fixture
+def two_node_cluster():
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "object_store_memory": SMALL_OBJECT_STORE})
+    nodes = {name: cluster.add_node(num_cpus=1, resources={name: 1}, object_store_memory=SMALL_OBJECT_STORE)
+             for name in ("node_a", "node_b")}
+    cluster.wait_for_nodes()
+    yield cluster, {name: node.node_id for name, node in nodes.items()}
+    cluster.shutdown()
+
+
+def test_up_places_stages_on_the_asked_nodes_and_down_stops_them(tmp_path, tiny_text_model, two_node_cluster):
+    cluster, node_ids = two_node_cluster
+    port = free_port()
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(f"""
+name: two-nodes-test
+model: {tiny_text_model}
+draft: layers:1
+stages:
+  - layers: [0, 2]
+    resources: {{node_a: 1}}
+  - layers: [2, 4]
+    resources: {{node_b: 1}}
+ray:
+  address: "{cluster.address}"
+  placement: spread
+gateway:
+  port: {port}
+  served_model_name: tiny
+""")
+    env = {**os.environ, "PIPEINFER_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
+    plan = cli("plan", str(spec), env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert "0-2" in plan.stdout and "node_a=1" in plan.stdout
+
+    up = cli("up", str(spec), env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"http://127.0.0.1:{port}/v1" in up.stdout
+    try:
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()
+        stages = health["stages"]
+        assert [s["node_id"] for s in stages] == [node_ids["node_a"], node_ids["node_b"]]
+        assert [s["layers"] for s in stages] == [[0, 2], [2, 4]]
+        for s in stages:
+            assert s["node_id"][:12] in up.stdout  # the printed stage map
+
+        prompt = "The capital of France is"
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        text = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        tokenizer = AutoTokenizer.from_pretrained(tiny_text_model)
+        expected = tokenizer.decode(greedy_reference(tiny_text_model, tokenizer.encode(prompt), 12))
+        assert text == expected
+
+        status = cli("status", "--name", "two-nodes-test", env=env)
+        assert status.returncode == 0 and "requests running" in status.stdout
+        driver_pid = json.loads((tmp_path / "cache" / "deployments" / "two-nodes-test.json").read_text())["pid"]
+    finally:
+        down = cli("down", "--name", "two-nodes-test", env=env)
+    assert down.returncode == 0, down.stderr
+    assert not is_running(driver_pid)
+    assert all(not is_running(s["pid"]) for s in stages), "a stage actor outlived `pipeinfer down`"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    # Only what `up` started is gone: the cluster's own nodes still run.
+    assert cluster.remaining_processes_alive()
+
+
+@pytest.mark.slow
+def test_local_example_then_curl_as_the_readme_says(default_model):
+    """`pipeinfer up examples/local.yaml`, the README's curl, `pipeinfer down`."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "local.yaml"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    up = cli("up", str(example), env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        assert "http://127.0.0.1:8000/v1" in up.stdout
+        curl = subprocess.run(
+            ["curl", "-s", "http://127.0.0.1:8000/v1/completions", "-H", "Content-Type: application/json", "-d",
+             '{"model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'],
+            capture_output=True, text=True, timeout=120)
+        assert "Paris" in json.loads(curl.stdout)["choices"][0]["text"]
+    finally:
+        down = cli("down", env=env)
+    assert down.returncode == 0 and "pipeinfer is down" in down.stdout
