@@ -9,8 +9,15 @@ near-ties that float rounding could flip between batched and step-wise compute.
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -91,11 +98,7 @@ def load_engine(model: Path | str, draft: str = "none", stages: int = 1, mode: M
 
 def make_tiny_model_with_tokenizer(out_dir: Path, seed: int, tokenizer_from: Path, **kwargs) -> Path:
     """A tiny random model that speaks the default model's tokenizer (for text APIs)."""
-    import shutil
-
-    from transformers import AutoConfig as _AutoConfig
-
-    vocab_size = _AutoConfig.from_pretrained(tokenizer_from).vocab_size
+    vocab_size = AutoConfig.from_pretrained(tokenizer_from).vocab_size
     make_tiny_model(out_dir, seed, vocab_size=vocab_size, **kwargs)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
         if (Path(tokenizer_from) / name).exists():
@@ -108,14 +111,6 @@ class ServerProcess:
 
     def __init__(self, *args: str, api_key: str | None = None, env: dict[str, str] | None = None,
                  ready_timeout: float = 180) -> None:
-        import os
-        import socket
-        import subprocess
-        import sys
-        import time
-
-        import httpx
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -151,7 +146,7 @@ class ServerProcess:
                 self.proc.kill()
         self._log.close()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:

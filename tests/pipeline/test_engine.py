@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from pipeline.engine import GenerationError
 from pipeline.types import FinishEvent, GenerationRequest, TokenEvent
@@ -113,3 +114,15 @@ def test_kv_budget_refuses_a_second_request_cleanly(tiny_target):
             engine.complete(GenerationRequest((3, 4), 5))
         assert sum(len(e.token_ids) for e in first if isinstance(e, TokenEvent)) == 99
         assert engine.complete(GenerationRequest((3, 4), 5)).token_ids == greedy_reference(tiny_target, [3, 4], 5)
+
+
+def test_stages_may_compute_in_different_dtypes(tiny_target):
+    from pipeline.engine import Engine, EngineConfig
+    from pipeline.partition import StagePlan
+
+    plans = (StagePlan(0, 2, dtype="bfloat16"), StagePlan(2, 4))
+    config = EngineConfig(model=str(tiny_target), num_stages=2, stage_plans=plans)
+    with Engine.load(config, show_progress=False) as engine:
+        assert [s.model.dtype for s in engine.stages] == [torch.bfloat16, torch.float32]
+        out = engine.complete(GenerationRequest((5, 6, 7), 8))
+    assert len(out.token_ids) == 8 and out.finish_reason == "length"
