@@ -161,5 +161,10 @@ def format_layout(layouts: list[StageLayout]) -> str:
                      f"{l.memory_limit_bytes / 1e6:.0f} MB" if l.memory_limit_bytes else "-",
                      f"{100 * l.compute_params / total:.0f}%",
                      ",".join(f"{k}={v:g}" for k, v in (l.plan.resources or {}).items()) or "-"))
+    return format_table(rows)
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns, two spaces apart; the first row is the header."""
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from cluster.layout import format_layout, plan_layout
+from cluster.layout import format_layout, format_table, plan_layout
 from cluster.spec import ClusterSpec, SpecError, load_spec
 from pipeline.engine import EngineConfig
 from pipeline.model_source import cache_dir
@@ -134,8 +134,7 @@ def format_stage_map(health: dict) -> str:
     for s in health.get("stages", []):
         rows.append((str(s["stage"]), str(s.get("node_id", "local"))[:12], f"{s['layers'][0]}-{s['layers'][1]}",
                      f"{s['parameter_bytes'] / 1e6:.0f} MB", f"{s['kv_bytes'] / 1e6:.1f} MB", str(s["num_sequences"])))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return format_table(rows)
 
 
 def _wait_healthy(deployment: Deployment, proc: subprocess.Popen) -> dict:
