@@ -4,6 +4,7 @@ strings, usage, metrics. Streaming and non-streaming responses share it."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from server.metrics import ServerMetrics
 from server.protocol import Speculation, Usage
 from server.requests import PreparedRequest
 from server.text_stream import TextStream
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -65,6 +68,9 @@ async def run_generation(engine: Engine, prepared: PreparedRequest, metrics: Ser
             stats = event.stats
             stats.num_generated_tokens = len(text.token_ids)  # what the client got, up to a stop string
             metrics.record_finish(reason, stats)
+            log.info("request finished: %s, %d prompt + %d generated tokens, %.1f tok/s, acceptance %.2f%s", reason,
+                     stats.num_prompt_tokens, stats.num_generated_tokens, stats.tokens_per_s, stats.acceptance_rate,
+                     f", user {prepared.user!r}" if prepared.user else "")
             yield Finished(reason, usage_of(stats))
     finally:
         if not stream.is_finished:  # the client went away (or the server is stopping)

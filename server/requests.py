@@ -19,6 +19,7 @@ class PreparedRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    user: str | None = None  # the client's end-user id: logged, nothing else
 
 
 def prepare_completion(body: CompletionRequest, engine: Engine) -> PreparedRequest:
@@ -78,7 +79,7 @@ def _prepare(body, engine: Engine, prompt_ids: list[int], max_tokens: int, max_p
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
-    return PreparedRequest(generation, stop, bool(body.stream), include_usage)
+    return PreparedRequest(generation, stop, bool(body.stream), include_usage, body.user)
 
 
 def _refuse_unsupported(body) -> None:

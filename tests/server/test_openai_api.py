@@ -96,6 +96,12 @@ def test_stop_strings_never_leak(tiny_server, tiny_text_model, tokenizer):
     assert streamed == full.choices[0].text
 
 
+def test_requests_are_logged_with_their_user(tiny_server):
+    server, _ = tiny_server
+    client_for(server).completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, user="alice-42")
+    assert "user 'alice-42'" in server.log()
+
+
 def test_seeded_sampling_repeats(tiny_server):
     server, _ = tiny_server
     client = client_for(server)
