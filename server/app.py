@@ -49,7 +49,7 @@ class ServerSettings:
 
 
 def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
-    metrics = ServerMetrics(lambda: host.engine.stage_stats() if host.engine is not None else [])
+    metrics = ServerMetrics(lambda: _stage_stats_or_none(host))
     admission = Admission(settings.max_running_requests, settings.max_waiting_requests)
 
     @asynccontextmanager
@@ -83,15 +83,17 @@ def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not ready"}})
     async def health():
-        stages = host.engine.stage_stats() if host.engine is not None else []
-        body = Health(status=host.state, stages=stages, detail=host.error)
-        return JSONResponse(body.model_dump(), status_code=200 if host.state == "ok" else 503)
+        # Off the event loop: with Ray these ask every stage actor.
+        state = await asyncio.to_thread(lambda: host.state)
+        stages = await asyncio.to_thread(_stage_stats_or_none, host)
+        body = Health(status=state, stages=stages, detail=host.error)
+        return JSONResponse(body.model_dump(), status_code=200 if state == "ok" else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics():
         metrics.requests_running.set(admission.running)
         metrics.requests_waiting.set(admission.waiting)
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await asyncio.to_thread(metrics.render), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorized)], responses=ERROR_RESPONSES)
     async def list_models():
@@ -185,6 +187,14 @@ def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
 
     app.openapi = openapi_with_served_model
     return app
+
+
+def _stage_stats_or_none(host: EngineHost) -> list[dict]:
+    """Stage stats for /health; none while loading or when a stage cannot answer."""
+    try:
+        return host.engine.stage_stats() if host.engine is not None else []
+    except Exception:
+        return []
 
 
 async def _until_disconnected(request: Request, work):

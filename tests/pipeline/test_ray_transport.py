@@ -124,3 +124,24 @@ def test_a_killed_stage_fails_its_request_then_recovers(tiny_target):
                 time.sleep(1)
         assert out.token_ids == greedy_reference(tiny_target, [4, 5], 6)
         assert engine.stage_stats()[1]["pid"] != victim
+
+
+def test_health_is_503_not_500_when_a_stage_actor_is_gone(tiny_text_model):
+    import asyncio
+
+    import httpx
+
+    from server.app import ServerSettings, create_app
+    from server.engine_host import EngineHost
+
+    with ray_engine(tiny_text_model, "none", 2, "ar") as engine:
+        app = create_app(EngineHost.ready(engine), ServerSettings(served_model_name="tiny"))
+
+        async def health():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+                return await http.get("/health")
+
+        assert asyncio.run(health()).status_code == 200
+        ray.kill(engine.coordinator.transport.actors[1], no_restart=True)
+        response = asyncio.run(health())
+        assert response.status_code == 503 and response.json()["status"] == "unhealthy"
