@@ -18,10 +18,10 @@ from safetensors import safe_open
 from cluster.spec import ClusterSpec, SpecError
 from pipeline.model_source import load_config, resolve_model
 from pipeline.partition import StagePlan
+from pipeline.stage_model import DTYPES
 
 GB = 1024**3
 MB = 1024**2
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +116,7 @@ def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLay
         params += costs.embed_params if is_first else 0
         if is_last:  # a single stage holds a tied matrix once
             params += costs.head_params - (costs.embed_params if is_first and costs.is_tied else 0)
-        memory = params * DTYPE_BYTES[dtype]
+        memory = params * DTYPES[dtype].itemsize
         compute = sum(costs.layer_params[start:end]) + (costs.head_params if is_last else 0) + extra.get(index, 0)
         limit = int(stage.memory_gb * GB) if stage.memory_gb else None
         plan = StagePlan(start, end, num_cpus=stage.num_cpus, resources=dict(stage.resources), dtype=dtype)

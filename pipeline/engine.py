@@ -21,14 +21,13 @@ from pipeline.model_source import load_config, resolve_model
 from pipeline.partition import StagePlan, even_plans
 from pipeline.speculation import SpeculationConfig
 from pipeline.stage import Stage
-from pipeline.stage_model import StageModel
+from pipeline.stage_model import DTYPES, StageModel
 from pipeline.transport import Transport
 from pipeline.types import FinishEvent, GenerationRequest, GenerationStats, SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("local", "ray", "mpi")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True, slots=True)

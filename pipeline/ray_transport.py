@@ -24,14 +24,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.partition import StagePlan
 from pipeline.stage import Stage
-from pipeline.stage_model import StageModel
+from pipeline.stage_model import DTYPES, StageModel
 from pipeline.transport import ResultSink
 from pipeline.types import KVOp, Run, RunResult
 
 log = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120
-DTYPE_OF = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -109,7 +108,7 @@ class RayTransport:
             StageActor.options(
                 num_cpus=p.num_cpus, resources=p.resources, max_restarts=max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
-            ).remote(model_dir, p, i, len(plans), DTYPE_OF.get(p.dtype, dtype), kv_budget_bytes, layer_delay_s)
+            ).remote(model_dir, p, i, len(plans), DTYPES.get(p.dtype, dtype), kv_budget_bytes, layer_delay_s)
             for i, p in enumerate(plans)
         ]
         ray.get([a.stats.remote() for a in self.actors], timeout=600)  # loaded and ready

@@ -23,6 +23,10 @@ from transformers import AutoModelForCausalLM
 from pipeline.model_source import check_supported, load_config
 
 
+# Compute dtypes by name (CLI, YAML, per-stage plans).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class LayerKV(Protocol):
     """Where a forward pass keeps and finds keys/values, per local layer index."""
 
