@@ -7,12 +7,15 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from cluster import up as cluster_up
+from cluster.layout import format_table
 from cluster.spec import SpecError
 from draft_models import DraftSpecError
 from pipeline.engine import DTYPES, TRANSPORTS, Engine, EngineConfig, GenerationError
 from pipeline.model_source import ModelSourceError
+from pipeline.sim_profiles import PROFILES
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode, SamplingParams
 
@@ -65,6 +68,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     serve.set_defaults(handler=_serve)
 
+    bench = commands.add_parser("bench", help="measure the modes side by side: results.json, plots, trace")
+    _add_engine_args(bench, with_mode=False)
+    bench.add_argument("--modes", default="ar,sync,pipeinfer", help="comma-separated modes to compare")
+    bench.add_argument("--simulate", default=None, metavar="PROFILE",
+                       help=f"run in simulated time on a modelled cluster: {', '.join(PROFILES)} (sets the stages)")
+    bench.add_argument("--prompts", type=Path, default=None,
+                       help="one prompt per line, or JSONL with a \"prompt\" field (default: 5 built-in prompts)")
+    bench.add_argument("--max-tokens", type=int, default=64, help="tokens per request (EOS is ignored)")
+    bench.add_argument("--repeat", type=int, default=2, help="repetitions, interleaved across modes")
+    bench.add_argument("--concurrency", default="1", help="comma-separated requests in flight, e.g. 1,8")
+    bench.add_argument("--baselines", default="", help="comma-separated peers to run too (extra pipeinfer[vllm]): vllm, vllm-ngram, vllm-draft:PATH")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
+    bench.set_defaults(handler=_bench)
+
     up = commands.add_parser("up", help="start a deployment from a cluster YAML file")
     up.add_argument("spec", help="the cluster YAML file (see examples/)")
     up.add_argument("--foreground", action="store_true", help="stay attached instead of returning once healthy")
@@ -82,15 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+def _add_engine_args(parser: argparse.ArgumentParser, with_mode: bool = True) -> None:
     spec = SpeculationConfig()
     parser.add_argument("--model", default="default",
                         help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face directory, or a .gguf file")
     parser.add_argument("--draft", default="none",
                         help="none | ngram | layers:N | int8 | PATH to a smaller model with the same tokenizer")
     parser.add_argument("--stages", type=int, default=1, help="pipeline stages the layers are split over")
-    parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.PIPEINFER.value,
-                        help="ar: one token per run; sync: draft k then verify; pipeinfer: continuous speculation")
+    if with_mode:
+        parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.PIPEINFER.value,
+                            help="ar: one token per run; sync: draft k then verify; pipeinfer: continuous speculation")
     parser.add_argument("--transport", choices=list(TRANSPORTS), default="local",
                         help="local: stages as threads in this process; ray: one Ray actor per stage; "
                              "mpi: one MPI rank per stage (launch with mpirun -n STAGES+1)")
@@ -107,11 +125,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    speculation = SpeculationConfig(mode=Mode(args.mode), draft_len=args.draft_len,
+    speculation = SpeculationConfig(mode=Mode(getattr(args, "mode", Mode.PIPEINFER)), draft_len=args.draft_len,
                                     max_runs_in_flight=args.max_in_flight, confidence_cutoff=args.cutoff)
     return EngineConfig(model=args.model, draft=args.draft, num_stages=args.stages, dtype=args.dtype,
                         transport=args.transport, ray_address=args.ray_address,
-                        kv_budget_bytes=args.kv_budget_bytes, speculation=speculation)
+                        kv_budget_bytes=args.kv_budget_bytes, speculation=speculation,
+                        simulate=getattr(args, "simulate", None))
 
 
 def _serve_mpi_stage(args: argparse.Namespace) -> bool:
@@ -143,6 +162,41 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         print(output.text)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from loadtests.bench import DEFAULT_PROMPTS, BenchConfig, load_prompts, run_bench
+
+    try:
+        modes = tuple(Mode(m) for m in _csv(args.modes))
+        concurrency = tuple(int(c) for c in _csv(args.concurrency))
+    except ValueError:
+        raise ValueError(f"--modes takes {', '.join(m.value for m in Mode)}; --concurrency integers") from None
+    config = BenchConfig(engine=_engine_config(args), modes=modes,
+                         prompts=load_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS,
+                         max_tokens=args.max_tokens, repeat=args.repeat, concurrency=concurrency,
+                         out_dir=args.out, baselines=tuple(_csv(args.baselines)))
+    results = run_bench(config, show_progress=True)
+    print(format_summary(results))
+    print(f"wrote {args.out / 'results.json'} and " + ", ".join(str(args.out / f) for f in results["files"].values()))
+    return 0
+
+
+SUMMARY_COLUMNS = ("tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99", "acceptance_rate",
+                   "mean_accepted_len", "runs_cancelled_frac", "wasted_stage_compute_frac", "bytes_per_token",
+                   "fraction_of_floor")
+
+
+def format_summary(results: dict) -> str:
+    rows = [("mode", *SUMMARY_COLUMNS)]
+    for name, figures in results["modes"].items():
+        rows.append((name, *("-" if figures.get(c) is None else f"{figures[c]:g}" for c in SUMMARY_COLUMNS)))
+    ratios = "  ".join(f"{k} {v:.2f}x" for k, v in results["ratios"].items() if v is not None)
+    return f"{format_table(rows)}\n{ratios}"
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _serve(args: argparse.Namespace) -> int:

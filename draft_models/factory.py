@@ -11,10 +11,12 @@ import torch
 from draft_models.base import DraftModel, NoDraft
 from draft_models.model_draft import ModelDraft
 from draft_models.ngram import NGramDraft
+from draft_models.synthetic import SyntheticDraft
 from pipeline.model_source import ModelSourceError, load_config, resolve_model
 from pipeline.stage_model import StageModel
 
-DRAFT_KINDS = "none, ngram, layers:N, int8, or a path to a smaller model sharing the target's tokenizer"
+DRAFT_KINDS = ("none, ngram, layers:N, int8, synthetic:ALPHA (an acceptance model for --simulate), "
+               "or a path to a smaller model sharing the target's tokenizer")
 
 
 class DraftSpecError(ValueError):
@@ -37,6 +39,16 @@ def load_draft(spec: str, target_dir: Path, dtype: torch.dtype = torch.float32, 
         if not 1 <= count <= num_layers:
             raise DraftSpecError(f"--draft {spec!r}: N must be in 1..{num_layers} (the target's layers)")
         return ModelDraft(spec, StageModel.load(target_dir, 0, count, with_embed=True, with_head=True, dtype=dtype))
+    if spec.startswith("synthetic:"):
+        try:
+            acceptance = float(spec.split(":", 1)[1])
+        except ValueError:
+            raise DraftSpecError(f"--draft {spec!r}: expected synthetic:ALPHA with ALPHA in [0, 1]") from None
+        if not 0.0 <= acceptance <= 1.0:
+            raise DraftSpecError(f"--draft {spec!r}: ALPHA must be in [0, 1]")
+        oracle = ModelDraft("target", StageModel.load(target_dir, 0, num_layers, with_embed=True, with_head=True,
+                                                      dtype=dtype))
+        return SyntheticDraft(oracle, acceptance, target_config.vocab_size)
     if spec == "int8":
         full = StageModel.load(target_dir, 0, num_layers, with_embed=True, with_head=True, dtype=torch.float32)
         with warnings.catch_warnings():  # torch.ao is deprecated in favour of torchao, but still works here

@@ -61,8 +61,8 @@ class SequenceState:
     draft_probs: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)  # run_id -> q per token
     generator: torch.Generator | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
-    started_at: float = field(default_factory=time.perf_counter)
-    last_progress_at: float = field(default_factory=time.perf_counter)  # last result verified
+    started_at: float = 0.0  # on the coordinator's clock
+    last_progress_at: float = 0.0  # last result verified
 
     @property
     def num_generated(self) -> int:
@@ -77,21 +77,29 @@ class SequenceState:
 
 
 class Coordinator:
+    """Runs its own loop thread, unless own_thread=False: then whoever owns the
+    clock (the simulated transport) calls step() itself, so that the real
+    coordinator runs in simulated time."""
+
     def __init__(self, transport: Transport, draft: DraftModel, config: SpeculationConfig, max_context: int,
-                 stall_timeout_s: float = 120.0) -> None:
+                 stall_timeout_s: float = 120.0, clock: Callable[[], float] = time.perf_counter,
+                 own_thread: bool = True) -> None:
         self.transport = transport
         self.stall_timeout_s = stall_timeout_s
         self.draft = draft
         self.config = config
         self.max_context = max_context
+        self.clock = clock
+        self.is_stopped = False  # the close event was handled
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._seqs: dict[int, SequenceState] = {}
         self._seq_ids = itertools.count()
         self._run_ids = itertools.count()
-        self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True) if own_thread else None
         self._closed = False
         transport.start(lambda result: self._events.put(("result", result)))
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
 
     # ---- public, thread-safe -------------------------------------------
 
@@ -111,56 +119,71 @@ class Coordinator:
     def abort(self, seq_id: int) -> None:
         self._events.put(("abort", seq_id))
 
+    def set_speculation(self, config: SpeculationConfig) -> None:
+        """Switch mode or speculation settings; sequences already running
+        follow the new settings from their next launch (every mode is lossless)."""
+        self._events.put(("speculation", config))
+
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self.transport.is_alive()
+        loop_alive = self._thread is None or self._thread.is_alive()
+        return loop_alive and self.transport.is_alive()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._events.put(("close", None))
-            self._thread.join(timeout=10)
+            if self._thread is not None:
+                self._thread.join(timeout=10)
             self.transport.close()
 
     # ---- the loop --------------------------------------------------------
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
-            try:
-                events = [self._events.get(timeout=WATCHDOG_INTERVAL_S if self._seqs else None)]
-            except queue.Empty:
-                self._fail_stalled_sequences()
-                continue
-            while True:  # handle everything that arrived before launching more work
-                try:
-                    events.append(self._events.get_nowait())
-                except queue.Empty:
-                    break
-            for kind, payload in events:
-                if kind == "close":
-                    for seq in list(self._seqs.values()):
-                        self._finish(seq, "abort", error="server shutting down")
-                    return
-                try:
-                    self._handle(kind, payload)
-                except Exception as exc:  # never let one request kill the loop
-                    log.exception("coordinator failed on %s", kind)
-                    self._fail_sequence_of(kind, payload, exc)
-            for seq in list(self._seqs.values()):
-                try:
-                    self._launch(seq)
-                except Exception as exc:
-                    log.exception("launch failed for sequence %d", seq.seq_id)
-                    self._finish(seq, "error", error=repr(exc))
+        while not self.is_stopped:
+            if not self.step(WATCHDOG_INTERVAL_S if self._seqs else None):
+                self.fail_stalled_sequences()
 
-    def _fail_stalled_sequences(self) -> None:
+    def step(self, timeout: float | None) -> bool:
+        """One turn of the loop: wait up to `timeout` (0: not at all) for an
+        event, handle everything that has arrived, then launch. False when
+        nothing arrived."""
+        try:
+            events = [self._events.get(timeout=timeout) if timeout != 0 else self._events.get_nowait()]
+        except queue.Empty:
+            return False
+        while True:  # handle everything that arrived before launching more work
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        for kind, payload in events:
+            if kind == "close":
+                for seq in list(self._seqs.values()):
+                    self._finish(seq, "abort", error="server shutting down")
+                self.is_stopped = True
+                return True
+            try:
+                self._handle(kind, payload)
+            except Exception as exc:  # never let one request kill the loop
+                log.exception("coordinator failed on %s", kind)
+                self._fail_sequence_of(kind, payload, exc)
+        for seq in list(self._seqs.values()):
+            try:
+                self._launch(seq)
+            except Exception as exc:
+                log.exception("launch failed for sequence %d", seq.seq_id)
+                self._finish(seq, "error", error=repr(exc))
+        return True
+
+    def fail_stalled_sequences(self) -> None:
         """Nothing arrived for a while: never let a request hang on a dead
         stage or a lost result."""
         if not self.transport.is_alive():
             for seq in list(self._seqs.values()):
                 self._finish(seq, "error", error="a pipeline stage stopped")
             return
-        now = time.perf_counter()
+        now = self.clock()
         for seq in list(self._seqs.values()):
             if seq.chain and now - seq.last_progress_at > self.stall_timeout_s:
                 self._finish(seq, "error", error=f"no result from the pipeline in {self.stall_timeout_s:.0f} s")
@@ -173,10 +196,14 @@ class Coordinator:
             seq = self._seqs.get(payload)
             if seq is not None:
                 self._finish(seq, "abort")
+        elif kind == "speculation":
+            self.config = payload
         elif kind == "result":
             self._receive(payload)
 
     def _fail_sequence_of(self, kind: str, payload, exc: Exception) -> None:
+        if kind == "speculation":
+            return
         seq_id = payload.seq_id if kind == "result" else payload[0] if kind == "new" else payload
         seq = self._seqs.get(seq_id)
         if seq is not None:
@@ -189,7 +216,9 @@ class Coordinator:
         if not request.sampling.is_greedy and not request.sampling.is_coupled:
             generator = torch.Generator()
             generator.seed()
-        seq = SequenceState(seq_id, request, sink, AdaptiveCutoff(self.config), list(request.prompt_token_ids), generator=generator)
+        now = self.clock()
+        seq = SequenceState(seq_id, request, sink, AdaptiveCutoff(self.config), list(request.prompt_token_ids),
+                            generator=generator, started_at=now, last_progress_at=now)
         seq.stats.num_prompt_tokens = len(request.prompt_token_ids)
         return seq
 
@@ -258,7 +287,7 @@ class Coordinator:
             self._finish(seq, "error", error=result.error)
             return
         seq.results[result.run_id] = result
-        seq.last_progress_at = time.perf_counter()
+        seq.last_progress_at = self.clock()
         while seq.chain and seq.chain[0].run_id in seq.results and seq.seq_id in self._seqs:
             run = seq.chain.popleft()
             self._verify(seq, run, seq.results.pop(run.run_id))
@@ -332,16 +361,17 @@ class Coordinator:
             seq.results.pop(run_id, None)
             seq.draft_probs.pop(run_id, None)
         seq.stats.num_runs_cancelled += len(run_ids)
+        seq.stats.cancelled_run_ids.extend(run_ids)
         seq.chain.clear()
 
     def _emit(self, seq: SequenceState, token_ids: list[int]) -> None:
         if not token_ids:
             return
-        now = time.perf_counter() - seq.started_at
+        now = self.clock() - seq.started_at
         if seq.stats.first_token_s is None:
             seq.stats.first_token_s = now
         seq.stats.num_generated_tokens = seq.num_generated
-        seq.sink(TokenEvent(tuple(token_ids)))
+        seq.sink(TokenEvent(tuple(token_ids), at_s=now))
 
     def _finish(self, seq: SequenceState, reason: str, error: str | None = None) -> None:
         self._cancel_chain(seq)
@@ -349,5 +379,5 @@ class Coordinator:
         self.draft.release(seq.seq_id)
         self._seqs.pop(seq.seq_id, None)
         seq.stats.num_generated_tokens = seq.num_generated
-        seq.stats.elapsed_s = time.perf_counter() - seq.started_at
+        seq.stats.elapsed_s = self.clock() - seq.started_at
         seq.sink(FinishEvent(reason, seq.stats, error=error))

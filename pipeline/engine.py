@@ -19,9 +19,12 @@ from pipeline.coordinator import Coordinator
 from pipeline.local_transport import LayerDelay, LocalTransport
 from pipeline.model_source import load_config, resolve_model
 from pipeline.partition import StagePlan, even_plans
+from pipeline.sim_profiles import get_profile
+from pipeline.sim_transport import CostedDraft, SimulatedTransport
 from pipeline.speculation import SpeculationConfig
 from pipeline.stage import Stage
 from pipeline.stage_model import DTYPES, StageModel
+from pipeline.trace import StageSpan
 from pipeline.transport import Transport
 from pipeline.types import FinishEvent, GenerationRequest, GenerationStats, SamplingParams, TokenEvent
 
@@ -42,6 +45,9 @@ class EngineConfig:
     stage_plans: tuple[StagePlan, ...] | None = None  # explicit layers/resources per stage; None: even split
     placement_strategy: str = "PACK"  # ray: PACK, or STRICT_SPREAD for one stage per node
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    # A sim_profiles name: the real model computes the tokens in simulated time
+    # on the cluster the profile describes (its stage count wins).
+    simulate: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -50,6 +56,10 @@ class EngineConfig:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.simulate is not None:
+            get_profile(self.simulate)  # a clear error for an unknown name
+            if self.transport != "local":
+                raise ValueError("--simulate runs every stage in this process: it needs --transport local")
 
 
 @dataclass(slots=True)
@@ -78,11 +88,17 @@ class Engine:
         model_dir = resolve_model(config.model, show_progress)
         model_config = load_config(model_dir)
         dtype = DTYPES[config.dtype]
-        plans = config.stage_plans or even_plans(model_config.num_hidden_layers, config.num_stages)
+        num_stages = get_profile(config.simulate).num_stages if config.simulate else config.num_stages
+        plans = config.stage_plans or even_plans(model_config.num_hidden_layers, num_stages)
         transport = _make_transport(config, model_dir, plans, dtype, layer_delay, show_progress)
         draft = load_draft(config.draft, model_dir, dtype=dtype, show_progress=show_progress)
         max_context = model_config.max_position_embeddings
-        coordinator = Coordinator(transport, draft, config.speculation, max_context)
+        if isinstance(transport, SimulatedTransport):
+            coordinator = Coordinator(transport, CostedDraft(draft, transport), config.speculation, max_context,
+                                      clock=transport.clock, own_thread=False)
+            transport.drive(coordinator)
+        else:
+            coordinator = Coordinator(transport, draft, config.speculation, max_context)
         log.info("engine ready: %s, %d %s stage(s) %s, draft %s, mode %s", model_dir, len(plans), config.transport,
                  [(p.layer_start, p.layer_end) for p in plans], config.draft, config.speculation.mode.value)
         return cls(config, model_dir, coordinator)
@@ -119,6 +135,9 @@ class Engine:
 
     def stage_stats(self) -> list[dict]:
         return self.coordinator.transport.stage_stats()
+
+    def stage_spans(self) -> list[StageSpan]:
+        return self.coordinator.transport.stage_spans()
 
     def complete(self, request: GenerationRequest) -> GenerationOutput:
         token_ids: list[int] = []
@@ -200,6 +219,8 @@ def _make_transport(config: EngineConfig, model_dir: Path, plans: tuple[StagePla
         model = StageModel.load(model_dir, plan.layer_start, plan.layer_end, with_embed=index == 0,
                                 with_head=index == len(plans) - 1, dtype=DTYPES.get(plan.dtype, dtype))
         stages.append(Stage(model, index, config.kv_budget_bytes))
+    if config.simulate:
+        return SimulatedTransport(stages, get_profile(config.simulate))
     return LocalTransport(stages, layer_delay)
 
 

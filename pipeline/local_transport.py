@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from pipeline.stage import Stage
+from pipeline.trace import StageSpan
 from pipeline.transport import ResultSink
 from pipeline.types import KVOp, Run, RunResult
 
@@ -54,6 +55,9 @@ class LocalTransport:
 
     def stage_stats(self) -> list[dict]:
         return [stage.stats() for stage in self.stages]
+
+    def stage_spans(self) -> list[StageSpan]:
+        return [span for stage in self.stages for span in stage.spans.drain()]
 
     def close(self) -> None:
         self._inboxes[0].put(_STOP)

@@ -88,6 +88,10 @@ class MPITransport:
     def stage_stats(self) -> list[dict]:
         return [s for s in self._stats if s]
 
+    def stage_spans(self) -> list:
+        """Not collected over MPI: the benchmark's timeline needs the local or Ray transport."""
+        return []
+
     def close(self) -> None:
         """Stop travels down the pipeline behind all work; the last stage
         answers "stopped", so every message in flight is received first."""

@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pipeline.partition import StagePlan
 from pipeline.stage import Stage
 from pipeline.stage_model import DTYPES, StageModel
+from pipeline.trace import StageSpan
 from pipeline.transport import ResultSink
 from pipeline.types import KVOp, Run, RunResult
 
@@ -85,6 +86,10 @@ class StageActor:
     @ray.method(concurrency_group="control")
     def stats(self) -> dict:
         return {**self.stage.stats(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    @ray.method(concurrency_group="control")
+    def drain_spans(self) -> list[StageSpan]:
+        return self.stage.spans.drain()
 
 
 class RayTransport:
@@ -148,6 +153,10 @@ class RayTransport:
 
     def stage_stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.actors], timeout=30)
+
+    def stage_spans(self) -> list[StageSpan]:
+        """Actors stamp spans with their own wall clock (one machine, or NTP-close ones)."""
+        return [span for spans in ray.get([a.drain_spans.remote() for a in self.actors], timeout=30) for span in spans]
 
     def close(self) -> None:
         self._closed = True

@@ -7,6 +7,7 @@ same way (process runs and KV ops in arrival order; cancel from anywhere).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 from pipeline.kv_cache import KVCacheError, StageKVCache
 from pipeline.sampling import sampling_probs, target_tokens
 from pipeline.stage_model import StageModel
+from pipeline.trace import SpanRecorder, StageSpan
 from pipeline.types import FreeSequence, KVOp, Run, RunResult
 
 
@@ -31,9 +33,11 @@ class Stage:
         self.stage_index = stage_index
         self.kv = StageKVCache(model.num_layers, kv_budget_bytes)
         self.counters = StageCounters()
+        self.spans = SpanRecorder()
         self._lock = threading.Lock()
         self._cancelled: dict[int, set[int]] = {}  # seq_id -> cancelled run ids
         self._kv_snapshot = (0, 0)  # (bytes, sequences), refreshed by the compute thread
+        self._last_stopped = False  # the last run processed was stopped between layers
 
     def stats(self) -> dict:
         """Safe to call from any thread."""
@@ -85,12 +89,27 @@ class Stage:
     ) -> torch.Tensor | RunResult | None:
         """-> hidden states for the next stage, the run's result (last stage,
         or an error), or None when the run was cancelled."""
+        started = time.time()
+        out = None
         try:
-            return self._process(run, hidden, before_layer)
+            out = self._process(run, hidden, before_layer)
+            return out
         finally:
             self._refresh_snapshot()
+            self._record_span(run, started, out)
+
+    def _record_span(self, run: Run, started: float, out) -> None:
+        if isinstance(out, torch.Tensor):
+            outcome, out_bytes = "computed", out.numel() * out.element_size()
+        elif isinstance(out, RunResult):
+            outcome, out_bytes = "computed", result_bytes(out)
+        else:
+            outcome, out_bytes = ("stopped" if self._last_stopped else "skipped"), 0
+        self.spans.record(StageSpan(self.stage_index, run.seq_id, run.run_id, run.is_speculative,
+                                    len(run.token_ids), started, time.time(), outcome, out_bytes))
 
     def _process(self, run, hidden, before_layer):
+        self._last_stopped = False
         if self.is_cancelled(run):
             self.counters.num_runs_skipped += 1
             return None
@@ -104,6 +123,7 @@ class Stage:
             hidden = hidden.to(self.model.dtype)
         hidden = self.model.forward_layers(hidden, run_kv, lambda: self.is_cancelled(run), before_layer)
         if hidden is None:
+            self._last_stopped = True
             self.counters.num_runs_stopped_mid_forward += 1
             self.kv.drop_run(run.run_id)
             return None
@@ -119,3 +139,10 @@ class Stage:
             tokens = target_tokens(logits, run.sampling, run.start_pos + 1)
             return RunResult(run.run_id, run.seq_id, target_token_ids=tokens)
         return RunResult(run.run_id, run.seq_id, target_probs=sampling_probs(logits, run.sampling))
+
+
+def result_bytes(result: RunResult) -> int:
+    """What a result costs on the wire back to the coordinator."""
+    if result.target_probs is not None:
+        return result.target_probs.numel() * result.target_probs.element_size()
+    return 8 * len(result.target_token_ids or ())

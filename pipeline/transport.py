@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from pipeline.trace import StageSpan
 from pipeline.types import KVOp, Run, RunResult
 
 ResultSink = Callable[[RunResult], None]
@@ -39,6 +40,11 @@ class Transport(Protocol):
 
     def stage_stats(self) -> list[dict]:
         """Stage.stats() of every stage, in order."""
+        ...
+
+    def stage_spans(self) -> list[StageSpan]:
+        """The spans every stage recorded since the last call (empty where
+        the transport cannot collect them)."""
         ...
 
     def close(self) -> None: ...

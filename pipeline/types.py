@@ -110,6 +110,7 @@ class GenerationStats:
     num_verify_steps: int = 0  # results that produced tokens
     elapsed_s: float = 0.0
     first_token_s: float | None = None
+    cancelled_run_ids: list[int] = field(default_factory=list)  # for the benchmark's wasted-compute figure
 
     @property
     def acceptance_rate(self) -> float:
@@ -157,6 +158,7 @@ class GenerationRequest:
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
     token_ids: tuple[int, ...]  # newly verified tokens, in order
+    at_s: float = 0.0  # seconds since the request started, on the coordinator's clock
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,231 @@
+"""`pipeinfer bench`: the modes side by side, in one run, on one engine.
+
+One engine serves every mode (the coordinator switches mode between
+batches), so all modes share the same stages, weights and processes.
+Repetitions interleave the modes (ar sync pipeinfer ar sync pipeinfer ...)
+so that a noisy neighbour slows all of them alike. Every request ignores EOS
+and generates exactly max_tokens, so every mode does the same work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from loadtests.bench_plots import write_plots
+from loadtests.bench_summary import ModeRecord, outputs_match, ratios, summarize
+from loadtests.timing import RequestTiming
+from pipeline.engine import Engine, EngineConfig, GenerationError
+from pipeline.sim_profiles import get_profile
+from pipeline.trace import StageSpan
+from pipeline.types import FinishEvent, GenerationRequest, Mode, SamplingParams, TokenEvent
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain step by step how a bill becomes a law in the United States.",
+    "List the planets of the solar system and one fact about each of them.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "The history of the printing press begins",
+)
+BASELINE_KINDS = "vllm, vllm-ngram, vllm-draft:PATH"
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    engine: EngineConfig
+    modes: tuple[Mode, ...] = tuple(Mode)
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    max_tokens: int = 64
+    repeat: int = 2
+    concurrency: tuple[int, ...] = (1,)
+    out_dir: Path = Path("bench-out")
+    baselines: tuple[str, ...] = ()  # vllm, vllm-ngram, vllm-draft:PATH
+
+    def __post_init__(self) -> None:
+        if not self.modes and not self.baselines:
+            raise ValueError("nothing to measure: give --modes and/or --baselines")
+        if not self.prompts:
+            raise ValueError("no prompts")
+        if self.max_tokens < 1 or self.repeat < 1 or not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError("max_tokens, repeat and every concurrency must be >= 1")
+        if self.baselines and self.engine.simulate:
+            raise ValueError("--baselines run vLLM on this machine: they cannot be compared with --simulate")
+
+
+@dataclass(slots=True)
+class Batch:
+    timings: list[RequestTiming]
+    duration_s: float
+    spans: list[StageSpan]
+
+
+class Runner(Protocol):
+    name: str
+
+    def run(self, prompts: list[list[int]], max_tokens: int, concurrency: int) -> Batch: ...
+
+
+class EngineModeRunner:
+    """One of our modes, on the shared engine."""
+
+    def __init__(self, engine: Engine, mode: Mode) -> None:
+        self.name = mode.value
+        self._engine = engine
+        self._speculation = dataclasses.replace(engine.config.speculation, mode=mode)
+
+    def run(self, prompts: list[list[int]], max_tokens: int, concurrency: int) -> Batch:
+        engine = self._engine
+        engine.coordinator.set_speculation(self._speculation)  # handled before the requests below
+        engine.stage_spans()  # drop anything recorded before this batch
+        clock = engine.coordinator.clock  # simulated time under --simulate
+        started = clock()
+        with ThreadPoolExecutor(concurrency) as pool:
+            timings = list(pool.map(lambda item: self._one(*item, max_tokens), enumerate(prompts)))
+        return Batch(timings, clock() - started, engine.stage_spans())
+
+    def _one(self, index: int, prompt: list[int], max_tokens: int) -> RequestTiming:
+        timing = RequestTiming(index)
+        request = GenerationRequest(tuple(prompt), max_tokens, SamplingParams(), stop_token_ids=frozenset())
+        for event in self._engine.generate(request):
+            if isinstance(event, TokenEvent):
+                timing.add_chunk(event.at_s, event.token_ids)
+            elif isinstance(event, FinishEvent):
+                if event.finish_reason == "error":
+                    raise GenerationError(f"{self.name}: {event.error}")
+                timing.stats = dataclasses.asdict(event.stats)
+        return timing
+
+
+class BaselineRunner:
+    """A vLLM baseline on the same target (optional extra pipeinfer[vllm])."""
+
+    def __init__(self, kind: str, model_dir: Path, dtype: str) -> None:
+        from loadtests.vllm_baseline import VLLMBaseline
+
+        self._baseline = VLLMBaseline(model_dir, kind, dtype=dtype)
+        self.name = self._baseline.name
+
+    def run(self, prompts: list[list[int]], max_tokens: int, concurrency: int) -> Batch:
+        started = time.perf_counter()
+        timings = self._baseline.run(prompts, max_tokens, concurrency)
+        return Batch(timings, time.perf_counter() - started, [])
+
+    def close(self) -> None:
+        self._baseline.close()
+
+
+def load_prompts(path: Path) -> tuple[str, ...]:
+    """One prompt per line, or JSONL objects with a "prompt" field (.jsonl, or
+    any file whose first line is a JSON object)."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: no prompts")
+    if path.suffix == ".jsonl" or lines[0].lstrip().startswith("{"):
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            try:
+                prompt = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{number}: expected a JSON object with a \"prompt\" string") from None
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"{path}:{number}: \"prompt\" must be a non-empty string")
+            prompts.append(prompt)
+        return tuple(prompts)
+    return tuple(line.replace("\\n", "\n") for line in lines)
+
+
+def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
+    """Run everything, write results.json, the plots and the trace; -> the results."""
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    engine = Engine.load(config.engine, show_progress=show_progress)
+    runners: list[Runner] = [EngineModeRunner(engine, mode) for mode in config.modes]
+    try:
+        runners += [BaselineRunner(kind, engine.model_dir, config.engine.dtype) for kind in config.baselines]
+        prompts = [engine.encode(p) for p in config.prompts]
+        longest = max(len(p) for p in prompts) + config.max_tokens
+        if longest > engine.max_context:
+            raise ValueError(f"the longest prompt plus --max-tokens is {longest} tokens, over the model's "
+                             f"context of {engine.max_context}")
+        for runner in runners:  # warm up: first-call costs (allocation, compilation) stay out of the figures
+            runner.run(prompts[:1], min(4, config.max_tokens), 1)
+        records = _measure(config, runners, prompts, show_progress)
+    finally:
+        for runner in runners:
+            if isinstance(runner, BaselineRunner):
+                runner.close()
+        engine.close()
+    results = _results(config, engine, records)
+    results["files"] = write_plots(results, records, config.out_dir)
+    (config.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _measure(config: BenchConfig, runners: list[Runner], prompts: list[list[int]],
+             show_progress: bool) -> list[ModeRecord]:
+    records: dict[tuple[str, int], ModeRecord] = {}
+    total = len(config.concurrency) * config.repeat * len(runners)
+    with tqdm(total=total, desc="bench", unit="batch", disable=not show_progress) as progress:
+        for concurrency in config.concurrency:
+            for _ in range(config.repeat):
+                for runner in runners:  # interleaved: A B C A B C ...
+                    progress.set_postfix_str(f"{runner.name} x{concurrency}")
+                    batch = runner.run(prompts, config.max_tokens, concurrency)
+                    record = records.setdefault((runner.name, concurrency), ModeRecord(runner.name, concurrency))
+                    record.timings += batch.timings
+                    record.spans += batch.spans
+                    record.duration_s += batch.duration_s
+                    progress.update()
+    return list(records.values())
+
+
+def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord]) -> dict:
+    profile = get_profile(config.engine.simulate) if config.engine.simulate else None
+    modes = {record.key: summarize(record, profile) for record in records}
+    baseline_names = sorted({r.name for r in records if r.name not in {m.value for m in Mode}})
+    all_ratios: dict[str, float | None] = {}
+    for concurrency in config.concurrency:
+        all_ratios.update(ratios(modes, concurrency, baseline_names))
+    return {
+        "setup": _setup(config, engine, profile),
+        "modes": modes,
+        "ratios": all_ratios,
+        "outputs_equal_first_mode": outputs_match(records),
+    }
+
+
+def _setup(config: BenchConfig, engine: Engine, profile) -> dict:
+    engine_config = config.engine
+    return {
+        "model": engine_config.model,
+        "model_dir": str(engine.model_dir),
+        "draft": engine_config.draft,
+        "num_stages": profile.num_stages if profile else engine_config.num_stages,
+        "transport": "simulated" if profile else engine_config.transport,
+        "dtype": engine_config.dtype,
+        "speculation": {k: (v.value if isinstance(v, Mode) else v)
+                        for k, v in dataclasses.asdict(engine_config.speculation).items() if k != "mode"},
+        "modes": [m.value for m in config.modes],
+        "baselines": list(config.baselines),
+        "num_prompts": len(config.prompts),
+        "max_tokens": config.max_tokens,
+        "repeat": config.repeat,
+        "concurrency": list(config.concurrency),
+        "simulated_profile": profile.as_dict() if profile else None,
+        "clock": "simulated seconds" if profile else "wall seconds",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,85 @@
+"""`pipeinfer bench`: a tiny run writes every figure, plot and trace, and the
+modes agree token for token; the simulated cluster reports its floor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.cli import main
+from loadtests.bench import load_prompts
+from tests.helpers import make_tiny_model_with_tokenizer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MODE_FIELDS = {"tokens_per_s", "itl_ms_p50", "itl_ms_p99", "ttft_ms_p50", "acceptance_rate", "mean_accepted_len",
+               "runs_cancelled_frac", "wasted_stage_compute_frac", "bytes_per_token"}
+
+
+@pytest.fixture(scope="module")
+def eight_layer_text_model(tmp_path_factory, default_model):
+    return make_tiny_model_with_tokenizer(tmp_path_factory.mktemp("bench") / "m", seed=21,
+                                          tokenizer_from=default_model, num_layers=8)
+
+
+def check_outputs(out, modes: list[str]) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["modes"]) == set(modes)
+    for name, figures in results["modes"].items():
+        assert MODE_FIELDS <= set(figures), name
+        assert figures["tokens_per_s"] > 0 and figures["ttft_ms_p50"] > 0 and figures["itl_ms_p50"] > 0
+        assert figures["bytes_per_token"] > 0
+        assert 0 <= figures["wasted_stage_compute_frac"] <= 1
+    assert all(results["outputs_equal_first_mode"].values()), results["outputs_equal_first_mode"]
+    assert set(results["files"]) == {"tokens_per_s", "itl", "timeline", "trace"}
+    for name in ("tokens_per_s", "itl", "timeline"):
+        data = (out / results["files"][name]).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    trace = json.loads((out / "trace.json").read_text())
+    runs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert runs and all(e["dur"] >= 0 for e in runs)
+    return results
+
+
+def test_bench_writes_results_plots_and_trace(tmp_path, tiny_text_model):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello there, how are"}\n{"prompt": "One two three one two three one"}\n')
+    out = tmp_path / "out"
+    assert main(["bench", "--model", str(tiny_text_model), "--draft", "ngram", "--stages", "2",
+                 "--prompts", str(prompts), "--max-tokens", "12", "--repeat", "2", "--concurrency", "1,2",
+                 "--out", str(out)]) == 0
+    results = check_outputs(out, ["ar", "sync", "pipeinfer", "ar@c2", "sync@c2", "pipeinfer@c2"])
+    assert {"pipeinfer_vs_ar", "pipeinfer_vs_sync", "sync_vs_ar", "pipeinfer_vs_ar@c2"} <= set(results["ratios"])
+    assert results["modes"]["ar"]["num_requests"] == 4  # 2 prompts x 2 repetitions
+    assert results["modes"]["ar"]["num_tokens"] == 4 * 12  # EOS ignored: every mode does the same work
+    assert results["setup"]["clock"] == "wall seconds"
+
+
+def test_simulated_bench_reports_the_floor(tmp_path, eight_layer_text_model):
+    out = tmp_path / "out"
+    assert main(["bench", "--model", str(eight_layer_text_model), "--draft", "synthetic:0.8",
+                 "--simulate", "pipeinfer-2024", "--max-tokens", "10", "--repeat", "1", "--out", str(out)]) == 0
+    results = check_outputs(out, ["ar", "sync", "pipeinfer"])
+    assert results["setup"]["num_stages"] == 8 and results["setup"]["clock"] == "simulated seconds"
+    for figures in results["modes"].values():
+        assert 0 < figures["fraction_of_floor"]
+    ar = results["modes"]["ar"]
+    assert ar["fraction_of_floor"] < 1  # autoregressive decoding can never beat the physical limit
+    assert results["modes"]["sync"]["acceptance_rate"] > 0.5
+
+
+def test_prompt_files(tmp_path):
+    lines = tmp_path / "p.txt"
+    lines.write_text("first prompt\n\nsecond\\nline two\n")
+    assert load_prompts(lines) == ("first prompt", "second\nline two")
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: expected a JSON object with a \"prompt\" string"):
+        load_prompts(bad)
+
+
+def test_bad_bench_arguments_are_clear_errors(capsys, tiny_text_model):
+    assert main(["bench", "--model", str(tiny_text_model), "--modes", "ar,fast"]) == 2
+    assert "--modes takes ar, sync, pipeinfer" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tiny_text_model), "--simulate", "moon"]) == 2
+    assert "unknown simulation profile 'moon'" in capsys.readouterr().err
