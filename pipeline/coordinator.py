@@ -233,7 +233,10 @@ class Coordinator:
         if mode is not Mode.PIPEINFER:
             return
         while len(seq.chain) < self.config.max_runs_in_flight:
-            drafts = self._propose(seq, seq.token_ids + seq.speculated_token_ids(), seq.cutoff.value)
+            # The emptier the pipeline, the cheaper a guess (its stages would
+            # idle otherwise): the cutoff scales with how full the chain is.
+            cutoff = seq.cutoff.value * len(seq.chain) / self.config.max_runs_in_flight
+            drafts = self._propose(seq, seq.token_ids + seq.speculated_token_ids(), cutoff)
             if drafts is None:
                 seq.cutoff.on_idle()
                 return

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from draft_models.base import DraftProposal
 from pipeline.speculation import AdaptiveCutoff, SpeculationConfig
+from pipeline.types import GenerationRequest
+from tests.helpers import load_engine
 
 
 def test_cutoff_relaxes_tightens_and_resets():
@@ -27,3 +30,29 @@ def test_cutoff_relaxes_tightens_and_resets():
 def test_bad_speculation_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         SpeculationConfig(**{field: value})
+
+
+class CutoffRecordingDraft:
+    """Never guesses; records the cutoff of every call."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.cutoffs: list[float] = []
+
+    def propose(self, seq_id, token_ids, max_tokens, sampling, cutoff, generator) -> DraftProposal:
+        self.cutoffs.append(cutoff)
+        return DraftProposal()
+
+    def release(self, seq_id) -> None:
+        pass
+
+
+def test_cutoff_scales_with_how_full_the_pipeline_is(tiny_target):
+    """With only the canonical run in flight (1 of 4), a guess needs a quarter
+    of the confidence it needs in a full pipeline: idle stages make it cheap."""
+    draft = CutoffRecordingDraft()
+    with load_engine(tiny_target, mode="pipeinfer", confidence_cutoff=0.4, max_runs_in_flight=4) as engine:
+        engine.coordinator.draft = draft
+        engine.complete(GenerationRequest((5, 6, 7), 3))
+    assert draft.cutoffs and draft.cutoffs[0] == pytest.approx(0.4 * 1 / 4)
