@@ -49,13 +49,14 @@ from pathlib import Path
 import torch
 
 from draft_models.base import DraftProposal
+from pipeline.stage_model import DTYPES
 from pipeline.types import SamplingParams
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = ("vLLM is not installed: install the extra pipeinfer[vllm] "
                 "(pip install -e '.[vllm]', as scripts/setup.sh does)")
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # what vLLM's dtype option takes
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # per host; SmolLM2-135M in float32 holds ~23k tokens in it
 START_TIMEOUT_S = 900.0
 # The prefix cache reuses whole KV blocks only. vLLM's CPU default is 128
@@ -114,13 +115,11 @@ class VLLMHost:
                                       stdout=output, stderr=subprocess.STDOUT if output else None)
         child_sock.close()
         self._conn = Connection(parent_sock.detach())
-        started = time.perf_counter()
         try:
             self.info = self._request("start", self.options, timeout_s=start_timeout_s)
         except BaseException:
             self.close()
             raise
-        self.start_s = time.perf_counter() - started
         _LIVE_HOSTS.add(self)
 
     def call(self, command: str, args: dict | None = None) -> object:
@@ -213,8 +212,6 @@ class VLLMDraft:
     def __init__(self, name: str, host: VLLMHost) -> None:
         self.name = name
         self.host = host
-        self.num_proposals = 0
-        self.propose_s = 0.0  # time spent in propose(), for measurements
 
     @classmethod
     def start(cls, name: str, model_dir: Path, dtype: torch.dtype = torch.float32, *,
@@ -254,13 +251,10 @@ class VLLMDraft:
         rng_seed = None
         if not (sampling.is_greedy or sampling.is_coupled):  # a plain sample: its randomness comes from our stream
             rng_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        started = time.perf_counter()
         tokens, qs = self.host.call("propose", {
             "context": list(token_ids), "max_tokens": max_tokens, "cutoff": cutoff, "rng_seed": rng_seed,
             "sampling": (sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed),
         })
-        self.propose_s += time.perf_counter() - started
-        self.num_proposals += 1
         if qs is None:
             return DraftProposal(list(tokens), [None] * len(tokens))
         q = torch.from_numpy(qs)

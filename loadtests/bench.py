@@ -216,8 +216,7 @@ def _setup(config: BenchConfig, engine: Engine, profile) -> dict:
         "num_stages": profile.num_stages if profile else engine_config.num_stages,
         "transport": "simulated" if profile else engine_config.transport,
         "dtype": engine_config.dtype,
-        "speculation": {k: (v.value if isinstance(v, Mode) else v)
-                        for k, v in dataclasses.asdict(engine_config.speculation).items() if k != "mode"},
+        "speculation": {k: v for k, v in dataclasses.asdict(engine_config.speculation).items() if k != "mode"},
         "modes": [m.value for m in config.modes],
         "baselines": list(config.baselines),
         "num_prompts": len(config.prompts),

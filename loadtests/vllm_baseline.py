@@ -79,7 +79,6 @@ class VLLMBaseline:
             "enable_prefix_caching": True,
             "speculative_config": spec,
         }, verbose=verbose)
-        self.start_s = self._host.start_s
         self.info = self._host.info
 
     def run(self, prompts: list[list[int]], max_tokens: int, concurrency: int,

@@ -41,16 +41,16 @@ class ClusterProfile:
         base, extra = divmod(self.num_layers, self.num_stages)
         return base + (1 if stage < extra else 0)
 
+    def params_of(self, stage: int) -> float:
+        head = self.head_params if stage == self.num_stages - 1 else 0.0
+        return self.layers_of(stage) * self.params_per_layer + head
+
     def weight_bytes_of(self, stage: int) -> float:
-        params = self.layers_of(stage) * self.params_per_layer
-        if stage == self.num_stages - 1:
-            params += self.head_params
-        return params * self.bytes_per_param
+        return self.params_of(stage) * self.bytes_per_param
 
     def stage_time_s(self, stage: int, num_tokens: int) -> float:
-        params = self.weight_bytes_of(stage) / self.bytes_per_param
         return (self.run_overhead_s + self.weight_bytes_of(stage) / self.memory_bandwidth_Bps
-                + num_tokens * 2 * params / self.flops)
+                + num_tokens * 2 * self.params_of(stage) / self.flops)
 
     def layer_time_s(self, stage: int, num_tokens: int) -> float:
         """Granularity of a mid-forward cancellation."""
