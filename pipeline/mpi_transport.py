@@ -13,6 +13,7 @@ the stages' compute, so idle loops poll with a short sleep instead.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 
@@ -47,8 +48,18 @@ def check_rank_count(num_stages: int) -> None:
         raise ValueError(f"--stages {num_stages} needs {num_stages + 1} MPI ranks (coordinator + stages), got {size}")
 
 
+ABORT_GRACE_S = 1.0
+
+
 def abort_all_ranks(code: int) -> None:
-    """End every rank of the job (after an error on the coordinator)."""
+    """End every rank of the job (after an error on the coordinator).
+
+    mpiexec forwards each rank's output asynchronously and Abort tears the job
+    down at once, so the error just printed could be lost (seen once in CI):
+    flush, and give the forwarder a moment first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_S)
     _comm().Abort(code)
 
 
