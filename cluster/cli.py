@@ -12,12 +12,13 @@ from pathlib import Path
 from cluster import up as cluster_up
 from cluster.layout import format_table
 from cluster.spec import SpecError
-from draft_models import DraftSpecError
+from draft_models import DRAFT_HELP, DraftSpecError
 from pipeline.engine import DTYPES, TRANSPORTS, Engine, EngineConfig, GenerationError
 from pipeline.model_source import ModelSourceError
 from pipeline.sim_profiles import PROFILES
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode, SamplingParams
+from server.app import ServerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,9 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action="append", default=None,
                        help="require 'Authorization: Bearer KEY' (repeatable; or $PIPEINFER_API_KEY)")
     serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: from --model)")
-    serve.add_argument("--max-running", type=int, default=8, help="requests generating at once")
-    serve.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond that before 429")
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    limits = ServerSettings(served_model_name="")
+    serve.add_argument("--max-running", type=int, default=limits.max_running_requests,
+                       help="requests generating at once")
+    serve.add_argument("--max-waiting", type=int, default=limits.max_waiting_requests,
+                       help="requests queued beyond that before 429")
+    serve.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="larger request bodies get 413")
+    serve.add_argument("--max-header-bytes", type=int, default=limits.max_header_bytes,
+                       help="a larger request head (request line + headers) gets 431")
+    serve.add_argument("--max-headers", type=int, default=limits.max_headers, help="more request headers get 431")
+    serve.add_argument("--shutdown-grace", type=float, default=limits.shutdown_grace_s, metavar="SECONDS",
+                       help="after SIGTERM/SIGINT, running requests may finish for this long, then end with an "
+                            "error; a second signal exits at once")
     serve.set_defaults(handler=_serve)
 
     bench = commands.add_parser("bench", help="measure the modes side by side: results.json, plots, trace")
@@ -103,8 +113,7 @@ def _add_engine_args(parser: argparse.ArgumentParser, with_mode: bool = True) ->
     spec = SpeculationConfig()
     parser.add_argument("--model", default="default",
                         help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face directory, or a .gguf file")
-    parser.add_argument("--draft", default="none",
-                        help="none | ngram | layers:N | int8 | PATH to a smaller model with the same tokenizer")
+    parser.add_argument("--draft", default="none", help=f"the draft. {DRAFT_HELP}")
     parser.add_argument("--stages", type=int, default=1, help="pipeline stages the layers are split over")
     if with_mode:
         parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.PIPEINFER.value,
@@ -200,12 +209,15 @@ def _csv(text: str) -> list[str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cluster.serve import serve
+    from cluster.serve import serve, served_name
 
     api_keys = tuple(args.api_key or ([os.environ["PIPEINFER_API_KEY"]] if os.environ.get("PIPEINFER_API_KEY") else []))
-    serve(_engine_config(args), host=args.host, port=args.port, api_keys=api_keys,
-          served_model_name=args.served_model_name, max_running=args.max_running,
-          max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
+    settings = ServerSettings(
+        served_model_name=args.served_model_name or served_name(args.model), api_keys=api_keys,
+        max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
+        max_running_requests=args.max_running, max_waiting_requests=args.max_waiting,
+        shutdown_grace_s=args.shutdown_grace)
+    serve(_engine_config(args), host=args.host, port=args.port, settings=settings)
     return 0
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from safetensors import safe_open
 
 from cluster.spec import ClusterSpec, SpecError
+from draft_models import parse_draft
+from draft_models.factory import draft_model_dir
 from pipeline.model_source import load_config, resolve_model
 from pipeline.partition import StagePlan
 from pipeline.stage_model import DTYPES
@@ -131,14 +133,18 @@ def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLay
     return layouts
 
 
-def _draft_params(draft: str, costs: ModelCosts, model_dir: Path) -> int:
-    if draft in ("none", "ngram"):
+def _draft_params(text: str, costs: ModelCosts, model_dir: Path) -> int:
+    """Compute per token the draft adds to the stage whose node runs it."""
+    spec = parse_draft(text)
+    if spec.kind in ("none", "ngram", "synthetic"):  # synthetic's cost is modelled by --simulate
         return 0
-    if draft.startswith("layers:"):
-        return sum(costs.layer_params[: int(draft.split(":")[1])]) + costs.head_params
-    if draft == "int8":
+    if spec.kind == "layers":
+        if not 1 <= spec.num_layers <= len(costs.layer_params):
+            raise spec.error(f"N must be in 1..{len(costs.layer_params)} (the target's layers)")
+        return sum(costs.layer_params[: spec.num_layers]) + costs.head_params
+    if spec.kind == "int8":
         return (sum(costs.layer_params) + costs.head_params) // 4  # int8 weights: a quarter of float32 bytes
-    draft_costs = model_costs(resolve_model(draft, show_progress=False))
+    draft_costs = model_costs(draft_model_dir(spec, model_dir))  # a model, run here or by vLLM
     return sum(draft_costs.layer_params) + draft_costs.head_params
 
 

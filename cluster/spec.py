@@ -15,8 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from draft_models import DRAFT_HELP, parse_draft
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode
+from server.app import ServerSettings
 
 
 class SpecError(ValueError):
@@ -61,21 +63,29 @@ class RaySpec(_Strict):
     placement: Literal["pack", "spread"] = Field("pack", description="spread = STRICT_SPREAD: one stage per node.")
 
 
+_LIMITS = ServerSettings(served_model_name="")  # the gateway's defaults live there
+
+
 class GatewaySpec(_Strict):
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, ge=1, le=65535)
     served_model_name: str | None = Field(None, description="Name clients send; default from the model.")
     api_key_envs: list[str] = Field(default_factory=list,
                                     description="Environment variables holding accepted API keys.")
-    max_running: int = Field(8, ge=1, description="Requests generating at once.")
-    max_waiting: int = Field(64, ge=0, description="Requests queued beyond that before 429.")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    max_running: int = Field(_LIMITS.max_running_requests, ge=1, description="Requests generating at once.")
+    max_waiting: int = Field(_LIMITS.max_waiting_requests, ge=0, description="Requests queued beyond that before 429.")
+    max_body_bytes: int = Field(_LIMITS.max_body_bytes, ge=1024, description="Larger request bodies get 413.")
+    max_header_bytes: int = Field(_LIMITS.max_header_bytes, ge=1024,
+                                  description="A larger request head (request line + headers) gets 431.")
+    max_headers: int = Field(_LIMITS.max_headers, ge=8, description="More request headers get 431.")
+    shutdown_grace_s: float = Field(_LIMITS.shutdown_grace_s, ge=0, description=(
+        "After SIGTERM (pipeinfer down), running requests may finish for this long, then end with an error."))
 
 
 class ClusterSpec(_Strict):
     name: str = Field("pipeinfer", pattern=r"^[A-Za-z0-9_.-]+$", description="Names this deployment (for down/status).")
     model: str = Field("default", description="'default', a Hugging Face directory, or a .gguf file.")
-    draft: str = Field("none", description="none | ngram | layers:N | int8 | PATH.")
+    draft: str = Field("none", description=f"The draft. {DRAFT_HELP}.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Default compute dtype.")
     speculation: SpeculationSpec = Field(default_factory=SpeculationSpec)
     stages: int | list[StageSpec] = Field(1, description="A count (split automatically) or one entry per stage.")
@@ -93,6 +103,12 @@ class ClusterSpec(_Strict):
             raise ValueError("stages must be >= 1")
         if isinstance(value, list) and not value:
             raise ValueError("stages must list at least one stage")
+        return value
+
+    @field_validator("draft")
+    @classmethod
+    def _draft_syntax(cls, value):
+        parse_draft(value)  # a DraftSpecError is a ValueError: reported with the field and line
         return value
 
     @model_validator(mode="after")

@@ -20,11 +20,12 @@ from pathlib import Path
 import httpx
 
 from cluster.layout import format_layout, format_table, plan_layout
-from cluster.spec import ClusterSpec, SpecError, load_spec
+from cluster.spec import ClusterSpec, GatewaySpec, SpecError, load_spec
 from pipeline.engine import EngineConfig
 from pipeline.model_source import cache_dir
 
 READY_TIMEOUT_S = 900
+DOWN_MARGIN_S = 20  # beyond the grace period, for the driver to stop its stages
 
 
 @dataclass(slots=True)
@@ -87,16 +88,19 @@ def up(spec_path: str, foreground: bool) -> int:
 
 
 def serve_spec(spec: ClusterSpec) -> int:
-    from cluster.serve import serve
+    from cluster.serve import serve, served_name
+    from server.app import ServerSettings
 
     api_keys = tuple(os.environ[e] for e in spec.gateway.api_key_envs if os.environ.get(e))
     missing = [e for e in spec.gateway.api_key_envs if not os.environ.get(e)]
     if missing:
         raise SpecError(f"gateway.api_key_envs: {', '.join(missing)} not set in the environment")
     g = spec.gateway
-    serve(engine_config(spec, show_progress=True), host=g.host, port=g.port, api_keys=api_keys,
-          served_model_name=g.served_model_name, max_running=g.max_running, max_waiting=g.max_waiting,
-          max_body_bytes=g.max_body_bytes)
+    settings = ServerSettings(
+        served_model_name=g.served_model_name or served_name(spec.model), api_keys=api_keys,
+        max_body_bytes=g.max_body_bytes, max_header_bytes=g.max_header_bytes, max_headers=g.max_headers,
+        max_running_requests=g.max_running, max_waiting_requests=g.max_waiting, shutdown_grace_s=g.shutdown_grace_s)
+    serve(engine_config(spec, show_progress=True), host=g.host, port=g.port, settings=settings)
     return 0
 
 
@@ -116,17 +120,27 @@ def status(name: str) -> int:
 
 
 def down(name: str) -> int:
+    """SIGTERM to the driver alone: it drains its requests and stops what it
+    started (a signal to its whole group would kill the private Ray under
+    the requests it is draining). SIGKILL for the group if it overstays."""
     deployment = read_deployment(name)
     if _is_running(deployment.pid):
-        os.killpg(deployment.pid, signal.SIGTERM)  # its own session: the driver and what it spawned
-        deadline = time.monotonic() + 60
+        os.kill(deployment.pid, signal.SIGTERM)
+        deadline = time.monotonic() + _shutdown_grace_s(deployment) + DOWN_MARGIN_S
         while _is_running(deployment.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         if _is_running(deployment.pid):
-            os.killpg(deployment.pid, signal.SIGKILL)
+            os.killpg(deployment.pid, signal.SIGKILL)  # its own session: the driver and what it spawned
     state_path(name).unlink(missing_ok=True)
     print(f"{name} is down")
     return 0
+
+
+def _shutdown_grace_s(deployment: Deployment) -> float:
+    try:
+        return load_spec(deployment.spec_path).gateway.shutdown_grace_s
+    except SpecError:  # the file changed since `up`: assume the default
+        return GatewaySpec().shutdown_grace_s
 
 
 def format_stage_map(health: dict) -> str:

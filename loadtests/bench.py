@@ -105,7 +105,7 @@ class EngineModeRunner:
                 timing.add_chunk(event.at_s, event.token_ids)
             elif isinstance(event, FinishEvent):
                 if event.finish_reason == "error":
-                    raise GenerationError(f"{self.name}: {event.error}")
+                    raise GenerationError(dataclasses.replace(event.failure, message=f"{self.name}: {event.failure.message}"))
                 timing.stats = dataclasses.asdict(event.stats)
         return timing
 

@@ -31,6 +31,8 @@ from pipeline.speculation import AdaptiveCutoff, SpeculationConfig
 from pipeline.transport import Transport
 from pipeline.types import (
     CommitKV,
+    Failure,
+    FailureCode,
     FinishEvent,
     FreeSequence,
     GenerationRequest,
@@ -45,7 +47,7 @@ from pipeline.verify import speculative_sample
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[TokenEvent | FinishEvent], None]
-WATCHDOG_INTERVAL_S = 1.0  # how often an idle loop checks for dead stages and stalled requests
+WATCHDOG_INTERVAL_S = 1.0  # how often the loop checks for dead stages and stalled requests
 
 
 @dataclass(slots=True)
@@ -119,6 +121,10 @@ class Coordinator:
     def abort(self, seq_id: int) -> None:
         self._events.put(("abort", seq_id))
 
+    def fail_all(self, failure: Failure) -> None:
+        """End every running request with this failure (a server shutting down)."""
+        self._events.put(("fail_all", failure))
+
     def set_speculation(self, config: SpeculationConfig) -> None:
         """Switch mode or speculation settings; sequences already running
         follow the new settings from their next launch (every mode is lossless)."""
@@ -140,8 +146,11 @@ class Coordinator:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        checked_at = self.clock()
         while not self.is_stopped:
-            if not self.step(WATCHDOG_INTERVAL_S if self._seqs else None):
+            self.step(WATCHDOG_INTERVAL_S if self._seqs else None)
+            if self._seqs and self.clock() - checked_at >= WATCHDOG_INTERVAL_S:  # however busy the loop is
+                checked_at = self.clock()
                 self.fail_stalled_sequences()
 
     def step(self, timeout: float | None) -> bool:
@@ -160,7 +169,7 @@ class Coordinator:
         for kind, payload in events:
             if kind == "close":
                 for seq in list(self._seqs.values()):
-                    self._finish(seq, "abort", error="server shutting down")
+                    self._finish(seq, "error", Failure(FailureCode.SHUTTING_DOWN, "the server is shutting down"))
                 self.is_stopped = True
                 return True
             try:
@@ -173,20 +182,25 @@ class Coordinator:
                 self._launch(seq)
             except Exception as exc:
                 log.exception("launch failed for sequence %d", seq.seq_id)
-                self._finish(seq, "error", error=repr(exc))
+                self._finish(seq, "error", Failure.of(exc, FailureCode.INTERNAL))
         return True
 
     def fail_stalled_sequences(self) -> None:
-        """Nothing arrived for a while: never let a request hang on a dead
-        stage or a lost result."""
+        """Never let a request hang on a dead stage or a lost result. A
+        request is stalled when it has had no result for stall_timeout_s and
+        no stage has made progress for as long: waiting behind other work
+        (a long prefill) is not stalling."""
         if not self.transport.is_alive():
             for seq in list(self._seqs.values()):
-                self._finish(seq, "error", error="a pipeline stage stopped")
+                self._finish(seq, "error", Failure(FailureCode.STAGE_DOWN, "a pipeline stage stopped"))
             return
         now = self.clock()
-        for seq in list(self._seqs.values()):
-            if seq.chain and now - seq.last_progress_at > self.stall_timeout_s:
-                self._finish(seq, "error", error=f"no result from the pipeline in {self.stall_timeout_s:.0f} s")
+        waiting = [seq for seq in self._seqs.values() if seq.chain and now - seq.last_progress_at > self.stall_timeout_s]
+        if not waiting or self.transport.idle_s() <= self.stall_timeout_s:
+            return
+        for seq in waiting:
+            self._finish(seq, "error", Failure(
+                FailureCode.STALLED, f"no stage made progress for {self.stall_timeout_s:.0f} s"))
 
     def _handle(self, kind: str, payload) -> None:
         if kind == "new":
@@ -198,18 +212,22 @@ class Coordinator:
                 self._finish(seq, "abort")
         elif kind == "speculation":
             self.config = payload
+        elif kind == "fail_all":
+            for seq in list(self._seqs.values()):
+                self._finish(seq, "error", payload)
         elif kind == "result":
             self._receive(payload)
 
     def _fail_sequence_of(self, kind: str, payload, exc: Exception) -> None:
-        if kind == "speculation":
+        if kind in ("speculation", "fail_all"):
             return
+        failure = Failure.of(exc, FailureCode.INTERNAL)
         seq_id = payload.seq_id if kind == "result" else payload[0] if kind == "new" else payload
         seq = self._seqs.get(seq_id)
         if seq is not None:
-            self._finish(seq, "error", error=repr(exc))
+            self._finish(seq, "error", failure)
         elif kind == "new":
-            payload[2](FinishEvent("error", GenerationStats(), error=repr(exc)))
+            payload[2](FinishEvent("error", GenerationStats(), failure))
 
     def _new_sequence(self, seq_id: int, request: GenerationRequest, sink: EventSink) -> SequenceState:
         generator = None
@@ -274,20 +292,20 @@ class Coordinator:
     # ---- receive, verify, commit/cancel ---------------------------------
 
     def _receive(self, result: RunResult) -> None:
-        if result.seq_id == -1 and result.error is not None:  # the transport lost state of every sequence
+        if result.seq_id == -1 and result.failure is not None:  # the transport lost state of every sequence
             for seq in list(self._seqs.values()):
-                self._finish(seq, "error", error=result.error)
+                self._finish(seq, "error", result.failure)
             return
         seq = self._seqs.get(result.seq_id)
         if seq is None:
             return  # the sequence already finished
-        if result.error is not None and result.run_id == -1:
-            self._finish(seq, "error", error=result.error)
+        if result.failure is not None and result.run_id == -1:
+            self._finish(seq, "error", result.failure)
             return
         if not any(run.run_id == result.run_id for run in seq.chain):
             return  # cancelled: its result is stale
-        if result.error is not None:
-            self._finish(seq, "error", error=result.error)
+        if result.failure is not None:
+            self._finish(seq, "error", result.failure)
             return
         seq.results[result.run_id] = result
         seq.last_progress_at = self.clock()
@@ -376,11 +394,11 @@ class Coordinator:
         seq.stats.num_generated_tokens = seq.num_generated
         seq.sink(TokenEvent(tuple(token_ids), at_s=now))
 
-    def _finish(self, seq: SequenceState, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: SequenceState, reason: str, failure: Failure | None = None) -> None:
         self._cancel_chain(seq)
         self.transport.send_kv_op(FreeSequence(seq.seq_id))
         self.draft.release(seq.seq_id)
         self._seqs.pop(seq.seq_id, None)
         seq.stats.num_generated_tokens = seq.num_generated
         seq.stats.elapsed_s = self.clock() - seq.started_at
-        seq.sink(FinishEvent(reason, seq.stats, error=error))
+        seq.sink(FinishEvent(reason, seq.stats, failure))

@@ -26,7 +26,15 @@ from pipeline.stage import Stage
 from pipeline.stage_model import DTYPES, StageModel
 from pipeline.trace import StageSpan
 from pipeline.transport import Transport
-from pipeline.types import FinishEvent, GenerationRequest, GenerationStats, SamplingParams, TokenEvent
+from pipeline.types import (
+    Failure,
+    FailureCode,
+    FinishEvent,
+    GenerationRequest,
+    GenerationStats,
+    SamplingParams,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +79,9 @@ class GenerationOutput:
 
 
 class GenerationError(RuntimeError):
-    pass
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
 
 
 class Engine:
@@ -91,14 +101,18 @@ class Engine:
         num_stages = get_profile(config.simulate).num_stages if config.simulate else config.num_stages
         plans = config.stage_plans or even_plans(model_config.num_hidden_layers, num_stages)
         transport = _make_transport(config, model_dir, plans, dtype, layer_delay, show_progress)
-        draft = load_draft(config.draft, model_dir, dtype=dtype, show_progress=show_progress)
-        max_context = model_config.max_position_embeddings
-        if isinstance(transport, SimulatedTransport):
-            coordinator = Coordinator(transport, CostedDraft(draft, transport), config.speculation, max_context,
-                                      clock=transport.clock, own_thread=False)
-            transport.drive(coordinator)
-        else:
-            coordinator = Coordinator(transport, draft, config.speculation, max_context)
+        try:
+            draft = load_draft(config.draft, model_dir, dtype=dtype, show_progress=show_progress)
+            max_context = model_config.max_position_embeddings
+            if isinstance(transport, SimulatedTransport):
+                coordinator = Coordinator(transport, CostedDraft(draft, transport), config.speculation, max_context,
+                                          clock=transport.clock, own_thread=False)
+                transport.drive(coordinator)
+            else:
+                coordinator = Coordinator(transport, draft, config.speculation, max_context)
+        except BaseException:
+            transport.close()  # stages, and the private Ray they run on
+            raise
         log.info("engine ready: %s, %d %s stage(s) %s, draft %s, mode %s", model_dir, len(plans), config.transport,
                  [(p.layer_start, p.layer_end) for p in plans], config.draft, config.speculation.mode.value)
         return cls(config, model_dir, coordinator)
@@ -133,6 +147,10 @@ class Engine:
     def is_alive(self) -> bool:
         return self.coordinator.is_alive()
 
+    def fail_all(self, failure: Failure) -> None:
+        """End every running request with this failure."""
+        self.coordinator.fail_all(failure)
+
     def stage_stats(self) -> list[dict]:
         return self.coordinator.transport.stage_stats()
 
@@ -145,11 +163,11 @@ class Engine:
             if isinstance(event, TokenEvent):
                 token_ids.extend(event.token_ids)
             elif event.finish_reason == "error":
-                raise GenerationError(event.error)
+                raise GenerationError(event.failure)
             else:
                 text = self.decode(token_ids) if self.tokenizer is not None else None
                 return GenerationOutput(token_ids, text, event.finish_reason, event.stats)
-        raise GenerationError("the stream ended without a finish event")
+        raise GenerationError(Failure(FailureCode.INTERNAL, "the stream ended without a finish event"))
 
     def complete_text(self, prompt: str, max_tokens: int, sampling: SamplingParams = SamplingParams(),
                       ignore_eos: bool = False) -> GenerationOutput:
@@ -158,7 +176,7 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise GenerationError(f"{self.model_dir} has no tokenizer: give token ids")
+            raise GenerationError(Failure(FailureCode.BAD_REQUEST, f"{self.model_dir} has no tokenizer: give token ids"))
         return self.tokenizer.encode(text, add_special_tokens=False) or [self.tokenizer.bos_token_id]
 
     def decode(self, token_ids: list[int]) -> str:
@@ -206,10 +224,16 @@ class EventStream:
 def _make_transport(config: EngineConfig, model_dir: Path, plans: tuple[StagePlan, ...], dtype: torch.dtype,
                     layer_delay: LayerDelay | None, show_progress: bool) -> Transport:
     if config.transport == "ray":
-        from pipeline.ray_transport import RayTransport, ensure_ray
+        from pipeline.ray_cluster import RayCluster
+        from pipeline.ray_transport import RayTransport
 
-        ensure_ray(config.ray_address)
-        return RayTransport(str(model_dir), list(plans), dtype, config.placement_strategy, config.kv_budget_bytes)
+        cluster = RayCluster.connect(config.ray_address)
+        try:
+            return RayTransport(str(model_dir), list(plans), dtype, config.placement_strategy,
+                                config.kv_budget_bytes, cluster=cluster)
+        except BaseException:
+            cluster.stop()
+            raise
     if config.transport == "mpi":
         from pipeline.mpi_transport import MPITransport
 

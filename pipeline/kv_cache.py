@@ -13,18 +13,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.types import CommitKV, FreeSequence, KVOp, Run
+from pipeline.types import CommitKV, FailureCode, FreeSequence, KVOp, Run
 
 
 class KVCacheError(RuntimeError):
     """A run's context is not where it should be (stale or cancelled chain)."""
 
 
-KV_FULL = "KV cache full"
-
-
 class KVBudgetExceeded(KVCacheError):
     """A new sequence was refused: the stage's KV budget is used up."""
+
+    failure_code = FailureCode.KV_CACHE_FULL
 
 
 @dataclass(slots=True)
@@ -163,7 +162,7 @@ class StageKVCache:
         if run.seq_id not in self.sequences and self.budget_bytes is not None:
             used = self.num_bytes()
             if used >= self.budget_bytes:
-                raise KVBudgetExceeded(f"{KV_FULL}: {used} of {self.budget_bytes} bytes in use; "
+                raise KVBudgetExceeded(f"KV cache full: {used} of {self.budget_bytes} bytes in use; "
                                        "new requests are refused until running ones finish")
         seq = self.sequences.setdefault(run.seq_id, SequenceKV(self.num_layers))
         self._run_seq[run.run_id] = run.seq_id

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.stage import Stage
+from pipeline.stage import Stage, failed_result
 from pipeline.trace import StageSpan
 from pipeline.transport import ResultSink
 from pipeline.types import KVOp, Run, RunResult
@@ -53,6 +53,9 @@ class LocalTransport:
     def is_alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
+    def idle_s(self) -> float:
+        return min(stage.idle_s() for stage in self.stages)
+
     def stage_stats(self) -> list[dict]:
         return [stage.stats() for stage in self.stages]
 
@@ -86,7 +89,7 @@ class LocalTransport:
             out = stage.process(run, hidden, before_layer)
         except Exception as exc:  # a failing stage fails the run's request, not the server
             log.exception("stage %d failed on run %d", stage.stage_index, run.run_id)
-            out = RunResult(run.run_id, run.seq_id, error=f"stage {stage.stage_index}: {exc!r}")
+            out = failed_result(run.run_id, run.seq_id, stage.stage_index, exc)
         if out is None:
             return
         if isinstance(out, RunResult):
@@ -99,7 +102,7 @@ class LocalTransport:
             stage.apply(op)
         except Exception as exc:
             log.exception("stage %d failed on %r", stage.stage_index, op)
-            self._on_result(RunResult(-1, op.seq_id, error=f"stage {stage.stage_index}: {exc!r}"))
+            self._on_result(failed_result(-1, op.seq_id, stage.stage_index, exc))
         if outbox is not None:
             outbox.put((op, None))
 

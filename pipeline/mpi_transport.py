@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from pipeline.stage import Stage
+from pipeline.stage import Stage, failed_result
 from pipeline.stage_model import StageModel
 from pipeline.transport import ResultSink
 from pipeline.types import KVOp, Run, RunResult
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 TAG_WORK, TAG_RESULT, TAG_CONTROL = 1, 2, 3
 STOP, STOPPED = "stop", "stopped"
 IDLE_POLL_S = 0.0002
+HEARTBEAT_S = 1.0  # a computing stage tells rank 0 it progresses at most this often
 
 
 def _comm():
@@ -76,6 +77,7 @@ class MPITransport:
         self._send_lock = threading.Lock()
         self._stopping = threading.Event()
         self._stats: list[dict] = [{} for _ in range(num_stages)]
+        self._heard_at = time.monotonic()  # the last message from any stage
         self._on_result: ResultSink | None = None
         self._receiver = threading.Thread(target=self._receive_results, name="mpi-results", daemon=True)
 
@@ -95,6 +97,9 @@ class MPITransport:
 
     def is_alive(self) -> bool:
         return not self._stopping.is_set() and self._receiver.is_alive()
+
+    def idle_s(self) -> float:
+        return time.monotonic() - self._heard_at
 
     def stage_stats(self) -> list[dict]:
         return [s for s in self._stats if s]
@@ -129,6 +134,7 @@ class MPITransport:
                 time.sleep(IDLE_POLL_S)
                 continue
             kind, payload = self._comm.recv(source=MPI.ANY_SOURCE, tag=TAG_RESULT)
+            self._heard_at = time.monotonic()  # a result, stats, or a heartbeat
             if kind == "result":
                 self._on_result(payload)
             elif kind == "stats":  # a stage's stats, sent after each KV op
@@ -156,6 +162,7 @@ class _StageWorker:
         self.stage = Stage(model, index, kv_budget_bytes)
         self.next_rank = self.rank + 1 if self.rank + 1 < size else None
         self._sends: list = []
+        self._beat_at = 0.0
 
     def serve(self) -> None:
         while True:
@@ -178,6 +185,12 @@ class _StageWorker:
             request.wait()
         self.drain_control()
 
+    def between_layers(self) -> None:
+        self.drain_control()
+        if time.monotonic() - self._beat_at >= HEARTBEAT_S:  # a long forward still progresses
+            self._beat_at = time.monotonic()
+            self._send(("alive", self.stage.stage_index), dest=0, tag=TAG_RESULT)
+
     def drain_control(self) -> None:
         """Apply pending cancellations: before each message and between layers."""
         while self.comm.iprobe(source=0, tag=TAG_CONTROL):
@@ -186,10 +199,10 @@ class _StageWorker:
 
     def _handle_run(self, run: Run, hidden) -> None:
         try:
-            out = self.stage.process(run, hidden, before_layer=lambda layer: self.drain_control())
+            out = self.stage.process(run, hidden, before_layer=lambda layer: self.between_layers())
         except Exception as exc:
             log.exception("stage %d failed on run %d", self.stage.stage_index, run.run_id)
-            out = RunResult(run.run_id, run.seq_id, error=f"stage {self.stage.stage_index}: {exc!r}")
+            out = failed_result(run.run_id, run.seq_id, self.stage.stage_index, exc)
         if isinstance(out, RunResult):
             self._send(("result", out), dest=0, tag=TAG_RESULT)
         elif out is not None:
@@ -199,7 +212,7 @@ class _StageWorker:
         try:
             self.stage.apply(op)
         except Exception as exc:
-            self._send(("result", RunResult(-1, op.seq_id, error=f"stage {self.stage.stage_index}: {exc!r}")),
+            self._send(("result", failed_result(-1, op.seq_id, self.stage.stage_index, exc)),
                        dest=0, tag=TAG_RESULT)
         if self.next_rank is not None:
             self._send((op, None), dest=self.next_rank, tag=TAG_WORK)

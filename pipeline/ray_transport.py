@@ -23,29 +23,16 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.partition import StagePlan
-from pipeline.stage import Stage
+from pipeline.ray_cluster import RayCluster
+from pipeline.stage import Stage, failed_result
 from pipeline.stage_model import DTYPES, StageModel
 from pipeline.trace import StageSpan
 from pipeline.transport import ResultSink
-from pipeline.types import KVOp, Run, RunResult
+from pipeline.types import Failure, FailureCode, KVOp, Run, RunResult
 
 log = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Start a private local Ray (address None), or join a running cluster ("auto" or an address)."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address is None:
-        # "local" never attaches to a cluster someone else started on this host. Logical
-        # CPUs only gate scheduling: advertise enough for several stages on a small machine.
-        ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False)
-    else:
-        ray.init(address=address, log_to_driver=False)
 
 
 @ray.remote(concurrency_groups={"control": 1, "compute": 1})
@@ -69,19 +56,23 @@ class StageActor:
             return self.stage.process(run, hidden, self._before_layer)
         except Exception as exc:
             log.exception("stage %d failed on run %d", self.stage.stage_index, run.run_id)
-            return RunResult(run.run_id, run.seq_id, error=f"stage {self.stage.stage_index}: {exc!r}")
+            return failed_result(run.run_id, run.seq_id, self.stage.stage_index, exc)
 
     @ray.method(concurrency_group="compute")
-    def apply(self, op: KVOp) -> str | None:
+    def apply(self, op: KVOp) -> RunResult | None:
         try:
             self.stage.apply(op)
             return None
         except Exception as exc:
-            return f"stage {self.stage.stage_index}: {exc!r}"
+            return failed_result(-1, op.seq_id, self.stage.stage_index, exc)
 
     @ray.method(concurrency_group="control")
     def cancel(self, seq_id: int, run_ids: list[int]) -> None:
         self.stage.cancel(seq_id, run_ids)
+
+    @ray.method(concurrency_group="control")
+    def idle_s(self) -> float:
+        return self.stage.idle_s()
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict:
@@ -93,13 +84,15 @@ class StageActor:
 
 
 class RayTransport:
-    """layer_delay_s sleeps before every layer: a slower machine, for tests."""
+    """layer_delay_s sleeps before every layer: a slower machine, for tests.
+    A `cluster` given is stopped by close() (the private Ray it started)."""
 
     def __init__(self, model_dir: str, plans: list[StagePlan], dtype: torch.dtype = torch.float32,
                  strategy: str = "PACK", kv_budget_bytes: int | None = None, layer_delay_s: float = 0.0,
-                 max_restarts: int = -1) -> None:
+                 max_restarts: int = -1, cluster: RayCluster | None = None) -> None:
         if not ray.is_initialized():
-            raise RuntimeError("call ensure_ray() before creating a RayTransport")
+            raise RuntimeError("connect to Ray (RayCluster.connect) before creating a RayTransport")
+        self.cluster = cluster
         self.num_stages = len(plans)
         bundles = [{"CPU": p.num_cpus, **p.resources} for p in plans]
         self.placement_group = placement_group(bundles, strategy=strategy)
@@ -151,6 +144,12 @@ class RayTransport:
         except (RayError, TimeoutError):
             return False
 
+    def idle_s(self) -> float:
+        try:
+            return min(ray.get([a.idle_s.remote() for a in self.actors], timeout=5))
+        except (RayError, TimeoutError):
+            return float("inf")  # a stage that cannot answer makes no progress
+
     def stage_stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.actors], timeout=30)
 
@@ -164,6 +163,8 @@ class RayTransport:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.placement_group)
+        if self.cluster is not None:
+            self.cluster.stop()
 
     def _track(self, ref: ray.ObjectRef, run_id: int, seq_id: int) -> None:
         with self._lock:
@@ -192,12 +193,11 @@ class RayTransport:
             # (later errors from work sent before this failure are covered).
             if submitted_at > self._last_failure_at:
                 self._last_failure_at = time.monotonic()
-                self._on_result(RunResult(-1, -1, error=f"a stage process died ({type(exc).__name__}); "
-                                                        "its requests failed and it is being restarted"))
+                self._on_result(RunResult(-1, -1, failure=Failure(
+                    FailureCode.STAGE_DOWN,
+                    f"a stage process died ({type(exc).__name__}); its requests failed and it is being restarted")))
             return
         except RayError as exc:
-            value = RunResult(run_id, seq_id, error=f"{type(exc).__name__}: {exc}")
-        if isinstance(value, RunResult):
+            value = RunResult(run_id, seq_id, failure=Failure.of(exc, FailureCode.STAGE_ERROR))
+        if isinstance(value, RunResult):  # a run's result, or a failed KV op
             self._on_result(value)
-        elif isinstance(value, str):  # a KV op failed on a stage
-            self._on_result(RunResult(-1, seq_id, error=value))

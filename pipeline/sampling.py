@@ -8,7 +8,7 @@ import hashlib
 
 import torch
 
-from pipeline.types import SamplingParams
+from pipeline.types import RequestError, SamplingParams
 
 
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -19,6 +19,7 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     logits = logits.float()
     if params.is_greedy:
         return torch.softmax(logits, dim=-1)
+    is_finite = bool(torch.isfinite(logits).all())
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -32,6 +33,9 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
+    if is_finite and not bool(torch.isfinite(probs).all()):  # the request's parameters broke the arithmetic
+        raise RequestError(f"temperature {params.temperature:g} with top_p {params.top_p:g} and top_k "
+                           f"{params.top_k} gives no valid distribution", param="temperature")
     return probs
 
 

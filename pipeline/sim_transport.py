@@ -27,7 +27,7 @@ import torch
 from draft_models.base import DraftModel, DraftProposal, NoDraft
 from draft_models.ngram import NGramDraft
 from pipeline.sim_profiles import ClusterProfile
-from pipeline.stage import Stage, result_bytes
+from pipeline.stage import Stage, failed_result, result_bytes
 from pipeline.trace import SpanRecorder, StageSpan
 from pipeline.transport import ResultSink
 from pipeline.types import KVOp, Run, RunResult, SamplingParams
@@ -99,6 +99,9 @@ class SimulatedTransport:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def idle_s(self) -> float:
+        return 0.0  # simulated time never stalls (and nothing watches it)
+
     def stage_stats(self) -> list[dict]:
         return [stage.stats() for stage in self.stages]
 
@@ -166,7 +169,7 @@ class SimulatedTransport:
         if out is None:
             self._record(index, run, busy.start_s, "stopped", 0)
         elif isinstance(out, RunResult):
-            num_bytes = 0 if out.error else result_bytes(out)
+            num_bytes = 0 if out.failure else result_bytes(out)
             self._record(index, run, busy.start_s, "computed", num_bytes)
             self._schedule(self.now + self.profile.link_time_s(num_bytes), "deliver", (out,))
         else:
@@ -200,14 +203,14 @@ class SimulatedTransport:
             return stage.process(run, hidden)
         except Exception as exc:  # fails the run's request, as on a real stage
             log.exception("stage %d failed on run %d", stage.stage_index, run.run_id)
-            return RunResult(run.run_id, run.seq_id, error=f"stage {stage.stage_index}: {exc!r}")
+            return failed_result(run.run_id, run.seq_id, stage.stage_index, exc)
 
     def _apply(self, stage: Stage, op: KVOp) -> None:
         try:
             stage.apply(op)
         except Exception as exc:
             log.exception("stage %d failed on %r", stage.stage_index, op)
-            self._result_sink(RunResult(-1, op.seq_id, error=f"stage {stage.stage_index}: {exc!r}"))
+            self._result_sink(failed_result(-1, op.seq_id, stage.stage_index, exc))
 
     def _record(self, index: int, run: Run, start_s: float, outcome: str, out_bytes: int) -> None:
         self.spans.record(StageSpan(index, run.seq_id, run.run_id, run.is_speculative, len(run.token_ids),

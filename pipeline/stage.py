@@ -17,7 +17,7 @@ from pipeline.kv_cache import KVCacheError, StageKVCache
 from pipeline.sampling import sampling_probs, target_tokens
 from pipeline.stage_model import StageModel
 from pipeline.trace import SpanRecorder, StageSpan
-from pipeline.types import FreeSequence, KVOp, Run, RunResult
+from pipeline.types import Failure, FailureCode, FreeSequence, KVOp, Run, RunResult
 
 
 @dataclass(slots=True)
@@ -37,6 +37,7 @@ class Stage:
         self._lock = threading.Lock()
         self._cancelled: dict[int, set[int]] = {}  # seq_id -> cancelled run ids
         self._kv_snapshot = (0, 0)  # (bytes, sequences), refreshed by the compute thread
+        self._active_at = time.monotonic()  # last progress: a layer, a run, a KV op
         self._last_stopped = False  # the last run processed was stopped between layers
 
     def stats(self) -> dict:
@@ -64,6 +65,10 @@ class Stage:
     def is_last(self) -> bool:
         return self.model.is_last
 
+    def idle_s(self) -> float:
+        """Seconds since this stage last made progress (safe from any thread)."""
+        return time.monotonic() - self._active_at
+
     def cancel(self, seq_id: int, run_ids: list[int]) -> None:
         """Thread-safe; takes effect before the run starts or between two layers."""
         with self._lock:
@@ -74,7 +79,13 @@ class Stage:
         with self._lock:
             return run.run_id in self._cancelled.get(run.seq_id, ())
 
+    def _between_layers(self, run: Run) -> bool:
+        """-> whether to stop the run here (it was cancelled)."""
+        self._active_at = time.monotonic()
+        return self.is_cancelled(run)
+
     def apply(self, op: KVOp) -> None:
+        self._active_at = time.monotonic()
         self.kv.apply(op)
         if isinstance(op, FreeSequence):
             with self._lock:
@@ -90,11 +101,13 @@ class Stage:
         """-> hidden states for the next stage, the run's result (last stage,
         or an error), or None when the run was cancelled."""
         started = time.time()
+        self._active_at = time.monotonic()
         out = None
         try:
             out = self._process(run, hidden, before_layer)
             return out
         finally:
+            self._active_at = time.monotonic()
             self._refresh_snapshot()
             self._record_span(run, started, out)
 
@@ -116,12 +129,12 @@ class Stage:
         try:
             run_kv = self.kv.begin_run(run)
         except KVCacheError as exc:
-            return RunResult(run.run_id, run.seq_id, error=f"stage {self.stage_index}: {exc}")
+            return failed_result(run.run_id, run.seq_id, self.stage_index, exc)
         if self.is_first:
             hidden = self.model.embed(run.token_ids)
         elif hidden.dtype != self.model.dtype:  # stages may compute in different dtypes
             hidden = hidden.to(self.model.dtype)
-        hidden = self.model.forward_layers(hidden, run_kv, lambda: self.is_cancelled(run), before_layer)
+        hidden = self.model.forward_layers(hidden, run_kv, lambda: self._between_layers(run), before_layer)
         if hidden is None:
             self._last_stopped = True
             self.counters.num_runs_stopped_mid_forward += 1
@@ -139,6 +152,11 @@ class Stage:
             tokens = target_tokens(logits, run.sampling, run.start_pos + 1)
             return RunResult(run.run_id, run.seq_id, target_token_ids=tokens)
         return RunResult(run.run_id, run.seq_id, target_probs=sampling_probs(logits, run.sampling))
+
+
+def failed_result(run_id: int, seq_id: int, stage_index: int, exc: BaseException) -> RunResult:
+    """The result a stage sends back when it failed on a run (run_id -1: on a KV op)."""
+    return RunResult(run_id, seq_id, failure=Failure.of(exc, FailureCode.STAGE_ERROR, f"stage {stage_index}"))
 
 
 def result_bytes(result: RunResult) -> int:

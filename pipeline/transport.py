@@ -38,6 +38,11 @@ class Transport(Protocol):
         """False once any stage is gone."""
         ...
 
+    def idle_s(self) -> float:
+        """Seconds since any stage last made progress (a layer, a run, a KV
+        op): the stall watchdog's evidence that the pipeline itself is stuck."""
+        ...
+
     def stage_stats(self) -> list[dict]:
         """Stage.stats() of every stage, in order."""
         ...

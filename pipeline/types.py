@@ -12,10 +12,52 @@ from enum import Enum
 import torch
 
 
+class FailureCode(str, Enum):
+    """Why a request failed; the gateway maps each to an HTTP status (server/errors.py)."""
+
+    BAD_REQUEST = "bad_request"  # the request's own parameters cannot be computed
+    KV_CACHE_FULL = "kv_cache_full"  # a stage's KV budget is used up: retry later
+    STAGE_DOWN = "stage_down"  # a stage process or thread is gone
+    STAGE_ERROR = "stage_error"  # a stage raised while computing
+    STALLED = "stalled"  # nothing progressed anywhere in the pipeline for too long
+    SHUTTING_DOWN = "shutting_down"  # the server stopped before the request finished
+    INTERNAL = "internal"  # the coordinator failed (a bug)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    code: FailureCode
+    message: str
+    param: str | None = None  # the request parameter at fault (bad_request)
+
+    @classmethod
+    def of(cls, exc: BaseException, default: FailureCode, where: str = "") -> Failure:
+        """What an exception stands for. An exception may carry its own
+        `failure_code` (and `param`); any other one is `default`."""
+        code = getattr(exc, "failure_code", None)
+        text = str(exc) if code is not None else f"{type(exc).__name__}: {exc}"
+        return cls(code or default, f"{where}: {text}" if where else text, getattr(exc, "param", None))
+
+
+class RequestError(ValueError):
+    """A request whose own parameters cannot be computed: the client's fault."""
+
+    failure_code = FailureCode.BAD_REQUEST
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class Mode(str, Enum):
     AR = "ar"  # one token per run: the autoregressive pipeline baseline
     SYNC = "sync"  # standard speculative decoding: draft k, verify, repeat
     PIPEINFER = "pipeinfer"  # continuous asynchronous speculation
+
+
+# Below this temperature sampling is greedy decoding, its limit (as in vLLM):
+# logits / 1e-39 overflow float32, and the probabilities become NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +69,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def is_coupled(self) -> bool:
@@ -77,7 +119,7 @@ class RunResult:
     seq_id: int
     target_token_ids: list[int] | None = None  # [num_tokens]
     target_probs: torch.Tensor | None = None  # [num_tokens, vocab]
-    error: str | None = None  # set when a stage failed on this run
+    failure: Failure | None = None  # set when a stage failed on this run
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,4 +207,4 @@ class TokenEvent:
 class FinishEvent:
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     stats: GenerationStats
-    error: str | None = None
+    failure: Failure | None = None  # set when finish_reason is "error"

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from server.engine_host import EngineHost
 from server.errors import ERROR_RESPONSES, APIError, error_event, install_error_handlers
 from server.generation import Finished, run_generation, sse
-from server.limits import Admission, BodySizeLimit, check_api_key
+from server.limits import Admission, RequestLimits, check_api_key
 from server.metrics import ServerMetrics
 from server.protocol import (
     AssistantMessage,
@@ -30,6 +30,7 @@ from server.protocol import (
     ModelList,
 )
 from server.requests import PreparedRequest, prepare_chat, prepare_completion
+from server.shutdown import Shutdown
 
 log = logging.getLogger(__name__)
 
@@ -44,35 +45,42 @@ class ServerSettings:
     served_model_name: str
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
+    max_header_bytes: int = 16 << 10  # the request line and headers together
+    max_headers: int = 100
     max_running_requests: int = 8
     max_waiting_requests: int = 64
+    shutdown_grace_s: float = 10.0  # running requests may finish for this long after SIGTERM
 
 
 def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics(lambda: _stage_stats_or_none(host))
     admission = Admission(settings.max_running_requests, settings.max_waiting_requests)
+    shutdown = Shutdown(admission, host, settings.shutdown_grace_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         host.start()
         yield
-        host.close()
+        await asyncio.to_thread(host.close)
 
     app = FastAPI(title="pipeinfer", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible gateway to a pipelined, speculative inference engine.")
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    install_error_handlers(app)
+    app.add_middleware(RequestLimits, max_body_bytes=settings.max_body_bytes, max_header_bytes=settings.max_header_bytes,
+                       max_headers=settings.max_headers, on_rejected=metrics.count_rejected)
+    install_error_handlers(app, metrics.count_rejected)
     app.state.metrics = metrics
     app.state.admission = admission
+    app.state.shutdown = shutdown
 
     def authorized(authorization: str | None = Header(None, include_in_schema=False)) -> None:
         check_api_key(authorization, settings.api_keys)
 
-    def ready_engine():
-        if host.state == "loading":
+    async def ready_engine():
+        state = await asyncio.to_thread(lambda: host.state)  # with Ray this asks every stage actor
+        if state == "loading":
             raise APIError(503, "the model is still loading; retry shortly", code="loading")
-        if host.state != "ok":
-            raise APIError(503, f"the engine is not healthy ({host.state}): {host.error or 'a stage is down'}",
+        if state != "ok":
+            raise APIError(503, f"the engine is not healthy ({state}): {host.error or 'a stage is down'}",
                            code="unhealthy")
         return host.engine
 
@@ -104,7 +112,7 @@ def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
               responses={**ERROR_RESPONSES, 200: STREAM_OR_JSON})
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        engine = ready_engine()
+        engine = await ready_engine()
         prepared = prepare_completion(body, engine)
         return await _respond(request, engine, prepared, "text_completion", body.model)
 
@@ -112,7 +120,7 @@ def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
               responses={**ERROR_RESPONSES, 200: STREAM_OR_JSON})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        engine = ready_engine()
+        engine = await ready_engine()
         prepared = prepare_chat(body, engine)
         return await _respond(request, engine, prepared, "chat.completion", body.model)
 
@@ -173,7 +181,7 @@ def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
                 else:
                     yield sse(chunk(item.text, None))
         except APIError as exc:
-            yield sse(error_event(exc.message, exc.status))
+            yield sse(error_event(exc))
         yield sse("[DONE]")
 
     def openapi_with_served_model():

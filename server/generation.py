@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pipeline.engine import Engine
-from pipeline.kv_cache import KV_FULL
 from pipeline.types import GenerationStats, TokenEvent
 from server.errors import APIError
 from server.metrics import ServerMetrics
@@ -58,9 +57,7 @@ async def run_generation(engine: Engine, prepared: PreparedRequest, metrics: Ser
                 continue
             if event.finish_reason == "error":
                 metrics.record_finish("error", event.stats)
-                if KV_FULL in (event.error or ""):
-                    raise APIError(429, f"server busy: {event.error}", code="kv_cache_full")
-                raise APIError(503, f"generation failed: {event.error}", code="stage_failure")
+                raise APIError.of(event.failure)
             reason = "stop" if text.is_stopped else event.finish_reason
             tail = text.flush()
             if tail:

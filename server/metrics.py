@@ -38,6 +38,9 @@ class ServerMetrics:
                                       registry=r)
         r.register(_StageCollector(stage_stats))
 
+    def count_rejected(self, status: int) -> None:
+        self.requests_rejected.labels(status=str(status)).inc()
+
     def record_finish(self, reason: str, stats: GenerationStats) -> None:
         self.request_success.labels(finished_reason=reason).inc()
         self.e2e.observe(stats.elapsed_s)

@@ -12,7 +12,17 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictStr,
+    Tag,
+)
 
 
 def _json_integer(value: Any) -> Any:
@@ -37,6 +47,26 @@ def _json_boolean(value: Any) -> Any:
     return value
 
 
+def is_valid_unicode(text: str) -> bool:
+    """JSON lets a string hold a lone UTF-16 surrogate ("\\ud800"), which no
+    tokenizer (and no UTF-8 encoder) accepts."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _encodable(value: str) -> str:
+    if not is_valid_unicode(value):
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)")
+    return value
+
+
+# Text from the client: a JSON string that is also valid Unicode.
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
+
+
 def JsonInt(**bounds):  # noqa: N802 - a type factory
     """An integer as JSON Schema means it (3 or 3.0, not "3" or true); bounds
     go before the validator so that they appear in the OpenAPI schema."""
@@ -45,6 +75,15 @@ def JsonInt(**bounds):  # noqa: N802 - a type factory
 
 def JsonFloat(**bounds):  # noqa: N802 - a type factory
     return Annotated[float, Field(**bounds), BeforeValidator(_json_number)]
+
+
+def _prompt_kind(value: Any) -> str | None:
+    """Which form of prompt this is, so that only that form's errors are reported."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "texts" if value and all(isinstance(v, str) for v in value) else "token_ids"
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -57,24 +96,28 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="allow")  # extras are reported by name (400), not dropped
 
-    model: StrictStr = Field(..., description="The served model name (see GET /v1/models).")
+    model: Text = Field(..., description="The served model name (see GET /v1/models).")
     temperature: JsonFloat(ge=0.0, le=2.0) | None = Field(None, description="0 = greedy. Default 1.")
     top_p: JsonFloat(gt=0.0, le=1.0) | None = Field(None, description="Nucleus sampling mass. Default 1.")
     top_k: JsonInt(ge=-1) | None = Field(None, description="vLLM extension: keep the k most likely tokens; -1 or 0 = off.")
     seed: JsonInt(ge=-(2**63), le=2**63 - 1) | None = Field(None,
                                  description="Seeded sampling: the same text every time, in every mode.")
-    stop: StrictStr | list[StrictStr] | None = Field(None, description="Up to 4 strings; the text ends before the first one.")
+    stop: Text | list[Text] | None = Field(None, description="Up to 4 strings; the text ends before the first one.")
     n: JsonInt(ge=1, le=1) | None = Field(None, description="Completions per prompt: only 1 is supported.")
     stream: StrictBool | None = Field(False, description="Stream Server-Sent Events, one chunk per token.")
     stream_options: StreamOptions | None = None
-    user: StrictStr | None = Field(None, description="End-user id, logged only.")
+    user: Text | None = Field(None, description="End-user id, logged only.")
     ignore_eos: StrictBool | None = Field(False, description="vLLM extension: do not stop at end-of-text.")
     presence_penalty: JsonFloat(ge=0.0, le=0.0) | None = Field(None, description="Only 0 is supported.")
     frequency_penalty: JsonFloat(ge=0.0, le=0.0) | None = Field(None, description="Only 0 is supported.")
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: StrictStr | list[JsonInt()] | list[StrictStr] = Field(
+    prompt: Annotated[
+        Annotated[Text, Tag("text")] | Annotated[list[JsonInt()], Tag("token_ids")] | Annotated[list[Text], Tag("texts")],
+        Discriminator(_prompt_kind, custom_error_type="invalid_prompt",
+                      custom_error_message="must be a string, a list of token ids, or a list of strings"),
+    ] = Field(
         ..., description="One prompt: text, or a list of token ids. A list of several strings is refused.")
     max_tokens: JsonInt(ge=1) | None = Field(16, description="Tokens to generate. Default 16.")
     echo: Annotated[Literal[False], BeforeValidator(_json_boolean)] | None = Field(
@@ -84,8 +127,8 @@ class CompletionRequest(_SamplingFields):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: StrictStr | list[dict[str, Any]] | None = None
-    name: StrictStr | None = None
+    content: Text | list[dict[str, Any]] | None = None
+    name: Text | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):

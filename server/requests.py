@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pipeline.engine import Engine
 from pipeline.types import GenerationRequest, SamplingParams
 from server.errors import APIError
-from server.protocol import NEUTRAL_VALUES, ChatCompletionRequest, CompletionRequest
+from server.protocol import NEUTRAL_VALUES, ChatCompletionRequest, CompletionRequest, is_valid_unicode
 
 MAX_STOP_STRINGS = 4
 
@@ -101,6 +101,9 @@ def _message_text(content, index: int) -> str:
     for part in content:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
             raise APIError(400, f"messages[{index}]: only text content parts are supported",
+                           param=f"messages.{index}.content")
+        if not is_valid_unicode(part["text"]):
+            raise APIError(400, f"messages[{index}]: a text part holds a lone surrogate (not valid Unicode)",
                            param=f"messages.{index}.content")
         parts.append(part["text"])
     return "".join(parts)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -151,3 +152,44 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """pid's descendants as they are now (record it early: orphans are re-parented)."""
+    return psutil.Process(pid).children(recursive=True)
+
+
+def assert_gone(processes: list[psutil.Process], within_s: float) -> None:
+    """Every process has exited (is_running() also notices a reused pid)."""
+    deadline = time.monotonic() + within_s
+    alive = list(processes)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _is_running(p)]
+        time.sleep(0.1)
+    assert not alive, [(p.pid, _describe(p)) for p in alive]
+
+
+def _is_running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _describe(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())[:120] or process.name()
+    except psutil.Error:
+        return "?"
+
+
+def listening_addresses(processes: list[psutil.Process]) -> list[str]:
+    """The local IP of every TCP socket these processes listen on."""
+    addresses = []
+    for process in processes:
+        try:
+            connections = process.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        addresses += [c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN]
+    return addresses

@@ -8,6 +8,9 @@ import pytest
 
 from cluster.layout import balanced_ranges, model_costs, plan_layout
 from cluster.spec import SpecError, load_spec
+from cluster.up import engine_config, plan
+from draft_models import DraftSpecError
+from draft_models.spec import DRAFT_KINDS
 from tests.pipeline.test_stage_model import full_model_bytes
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -78,3 +81,37 @@ def test_a_split_that_does_not_fit_says_by_how_much(tmp_path, default_model):
     layouts = plan_layout(load_spec(write(tmp_path, "model: default\nstages: 2\nstage_memory_gb: 1\n")))
     # Both ends hold the tied embedding matrix: the first as input, the last as its head.
     assert sum(layout.memory_bytes for layout in layouts) == full_model_bytes(default_model) + 4 * 49152 * 576
+
+
+# One example of every draft kind the CLI accepts (draft_models.spec.DRAFT_KINDS).
+DRAFT_EXAMPLES = {"none": "none", "ngram": "ngram", "layers:N": "layers:2", "int8": "int8",
+                  "synthetic:ALPHA": "synthetic:0.8", "vllm:PATH": "vllm:default", "PATH": "default"}
+
+
+def test_the_examples_cover_every_draft_kind():
+    assert set(DRAFT_EXAMPLES) == set(DRAFT_KINDS)
+
+
+@pytest.mark.parametrize("draft", DRAFT_EXAMPLES.values())
+def test_plan_and_up_accept_every_draft_kind(tmp_path, tiny_text_model, draft):
+    path = write(tmp_path, f"model: {tiny_text_model}\ndraft: {draft}\nstages: 2\ntransport: local\n")
+    assert "draft " + draft in plan(str(path))
+    config = engine_config(load_spec(path))  # what `up` serves
+    assert config.draft == draft and len(config.stage_plans) == 2
+
+
+@pytest.mark.parametrize("draft,expected", [
+    ("layers:x", "line 1: draft: --draft 'layers:x': expected layers:N with an integer N"),
+    ("synthetic:2", "line 1: draft: --draft 'synthetic:2': expected synthetic:ALPHA with ALPHA in [0, 1]"),
+    ("'vllm:'", "line 1: draft: --draft 'vllm:': expected vllm:PATH"),
+])
+def test_a_malformed_draft_names_its_line(tmp_path, draft, expected):
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, f"draft: {draft}\nstages: 2\n"))
+    assert expected in str(info.value)
+
+
+def test_a_draft_the_target_cannot_run_is_explained_by_plan(tmp_path, tiny_text_model):
+    path = write(tmp_path, f"model: {tiny_text_model}\ndraft: layers:9\nstages: 2\n")
+    with pytest.raises(DraftSpecError, match=r"--draft 'layers:9': N must be in 1\.\.4"):
+        plan(str(path))

@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from ray.cluster_utils import Cluster
 from transformers import AutoTokenizer
 
-from tests.helpers import greedy_reference
+from cluster.up import read_deployment
+from tests.helpers import assert_gone, greedy_reference, process_tree
 
 pytestmark = pytest.mark.integration
 
@@ -114,10 +116,13 @@ gateway:
 def test_local_example_then_curl_as_the_readme_says(default_model):
     """`pipeinfer up examples/local.yaml`, the README's curl, `pipeinfer down`."""
     example = Path(__file__).resolve().parents[2] / "examples" / "local.yaml"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = dict(os.environ)
     up = cli("up", str(example), env=env)
     assert up.returncode == 0, up.stdout + up.stderr
     try:
+        driver = psutil.Process(read_deployment("pipeinfer").pid)
+        started = [driver, *process_tree(driver.pid)]  # the private Ray's processes among them
+        assert {"gcs_server", "raylet"} <= {p.name() for p in started}
         assert "http://127.0.0.1:8000/v1" in up.stdout
         curl = subprocess.run(
             ["curl", "-s", "http://127.0.0.1:8000/v1/completions", "-H", "Content-Type: application/json", "-d",
@@ -127,3 +132,4 @@ def test_local_example_then_curl_as_the_readme_says(default_model):
     finally:
         down = cli("down", env=env)
     assert down.returncode == 0 and "pipeinfer is down" in down.stdout
+    assert_gone(started, within_s=10)

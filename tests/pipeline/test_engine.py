@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.engine import GenerationError
-from pipeline.types import FinishEvent, GenerationRequest, TokenEvent
+from pipeline.types import FailureCode, FinishEvent, GenerationRequest, TokenEvent
 from tests.helpers import greedy_reference, load_engine
 
 
@@ -63,8 +63,9 @@ def test_a_failing_stage_fails_only_its_request(tiny_target):
         return 0.0
 
     with load_engine(tiny_target, "none", 2, "ar", layer_delay=flaky) as engine:
-        with pytest.raises(GenerationError, match="stage 1: RuntimeError\\('simulated stage crash'\\)"):
+        with pytest.raises(GenerationError, match="stage 1: RuntimeError: simulated stage crash") as failed:
             engine.complete(GenerationRequest((5, 6), 8))
+        assert failed.value.failure.code is FailureCode.STAGE_ERROR
         out = engine.complete(GenerationRequest((5, 6), 8))
         assert out.token_ids == greedy_reference(tiny_target, [5, 6], 8)
         assert wait_until_freed(engine)
@@ -93,7 +94,8 @@ def test_a_dead_stage_thread_fails_requests_instead_of_hanging(tiny_target):
         engine.coordinator.transport._inboxes[1].put(_stop_sentinel())  # stage 1's thread exits
         started = time.monotonic()
         events = list(stream)
-        assert events[-1].finish_reason == "error" and "a pipeline stage stopped" in events[-1].error
+        assert events[-1].finish_reason == "error" and events[-1].failure.code is FailureCode.STAGE_DOWN
+        assert "a pipeline stage stopped" in events[-1].failure.message
         assert time.monotonic() - started < 10
 
 
@@ -110,8 +112,9 @@ def test_kv_budget_refuses_a_second_request_cleanly(tiny_target):
     with Engine.load(config, layer_delay=lambda stage, layer: 0.005, show_progress=False) as engine:
         first = engine.generate(GenerationRequest((1, 2), 100))
         next(first)  # the first request holds KV on every stage
-        with pytest.raises(GenerationError, match="KV cache full"):
+        with pytest.raises(GenerationError, match="KV cache full") as failed:
             engine.complete(GenerationRequest((3, 4), 5))
+        assert failed.value.failure.code is FailureCode.KV_CACHE_FULL
         assert sum(len(e.token_ids) for e in first if isinstance(e, TokenEvent)) == 99
         assert engine.complete(GenerationRequest((3, 4), 5)).token_ids == greedy_reference(tiny_target, [3, 4], 5)
 
@@ -126,3 +129,38 @@ def test_stages_may_compute_in_different_dtypes(tiny_target):
         assert [s.model.dtype for s in engine.stages] == [torch.bfloat16, torch.float32]
         out = engine.complete(GenerationRequest((5, 6, 7), 8))
     assert len(out.token_ids) == 8 and out.finish_reason == "length"
+
+
+def test_waiting_behind_other_work_is_not_stalling(tiny_target):
+    """Each result takes longer than the stall timeout (slow layers, a
+    second request in the way), but the stages keep progressing."""
+    with load_engine(tiny_target, "none", 2, "ar", layer_delay=lambda stage, layer: 0.25) as engine:
+        engine.coordinator.stall_timeout_s = 0.8
+        outputs = {}
+        threads = [threading.Thread(target=lambda p=p: outputs.__setitem__(p, engine.complete(
+            GenerationRequest(p, 4)).token_ids)) for p in ((5, 6), (7, 8, 9))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    for prompt, tokens in outputs.items():
+        assert tokens == greedy_reference(tiny_target, list(prompt), 4)
+    assert len(outputs) == 2
+
+
+def test_a_stuck_stage_stalls_its_requests(tiny_target):
+    release = threading.Event()
+
+    def stuck(stage, layer):
+        if stage == 1:
+            release.wait(30)  # a stage that stops making progress mid-forward
+        return 0.0
+
+    with load_engine(tiny_target, "none", 2, "ar", layer_delay=stuck) as engine:
+        engine.coordinator.stall_timeout_s = 1.0
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match="no stage made progress for 1 s") as failed:
+            engine.complete(GenerationRequest((5, 6), 4))
+        assert failed.value.failure.code is FailureCode.STALLED
+        assert time.monotonic() - started < 5
+        release.set()

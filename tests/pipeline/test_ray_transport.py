@@ -15,7 +15,8 @@ import ray
 from pipeline.coordinator import Coordinator
 from pipeline.engine import Engine, EngineConfig, GenerationError
 from pipeline.partition import even_plans
-from pipeline.ray_transport import RayTransport, ensure_ray
+from pipeline.ray_cluster import RayCluster
+from pipeline.ray_transport import RayTransport
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import GenerationRequest, Mode
 from draft_models import load_draft
@@ -27,9 +28,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ensure_ray(None)
+    cluster = RayCluster.connect(None)
     yield
-    ray.shutdown()
+    cluster.stop()
 
 
 def ray_engine(model_dir, draft, stages, mode, layer_delay_s=0.0, **speculation):

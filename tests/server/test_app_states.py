@@ -72,3 +72,26 @@ async def test_failed_load_is_reported(tmp_path):
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_stage_failure_caused_by_the_request_is_its_400(tiny_text_model, stream):
+    """Finite logits that the request's temperature overflows: the client's
+    error (400 naming the parameter), not a server failure."""
+    engine = load_engine(tiny_text_model, stages=2)
+    model = engine.stages[-1].model
+    model.logits = lambda hidden, real=model.logits: real(hidden) * 1e34  # a deterministic fake: huge, finite
+    app = create_app(EngineHost.ready(engine), ServerSettings(served_model_name="tiny"))
+    async with client(app) as http:
+        response = await http.post("/v1/completions", json={**BODY, "temperature": 1e-4, "seed": 3, "stream": stream})
+        if stream:
+            assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+            error = [line for line in response.text.splitlines() if '"error"' in line][0]
+            assert '"code":"bad_request"' in error and '"param":"temperature"' in error
+        else:
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == "temperature"
+            assert "gives no valid distribution" in response.json()["error"]["message"]
+        assert (await http.post("/v1/completions", json={**BODY, "temperature": 0})).status_code == 200
+    engine.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -26,7 +27,7 @@ def server(tiny_text_model):
 
 
 def post(server, path, body, headers=AUTH, **kwargs):
-    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    content = json.dumps(body) if isinstance(body, dict) else body  # or bytes, or an iterator: chunked
     return httpx.post(server.url + path, content=content, headers={"content-type": "application/json", **headers},
                       timeout=60, **kwargs)
 
@@ -176,3 +177,118 @@ def test_metrics_exposes_the_documented_families(server):
                  "pipeinfer:kv_cache_usage_bytes"):
         assert name in text, name
     assert metric(text, "pipeinfer:time_to_first_token_seconds_count")[0] >= 1
+
+
+# ---- inputs that once reached a 5xx or garbage (each a 4xx naming the parameter, or a correct answer) ----
+
+SURROGATE = "\ud800"  # a lone UTF-16 surrogate: valid JSON ("\\ud800"), not valid Unicode
+
+
+def chat(**overrides):
+    return {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
+            **overrides}
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", completion(prompt=SURROGATE), "prompt"),
+    ("/v1/completions", completion(prompt=["ok", SURROGATE][1:]), "prompt"),
+    ("/v1/completions", completion(stop=["x", SURROGATE]), "stop"),
+    ("/v1/completions", completion(user=SURROGATE), "user"),
+    ("/v1/completions", completion(model=SURROGATE), "model"),
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": SURROGATE}]), "messages.0.content"),
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]),
+     "messages.0.content"),
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "Hi", "name": SURROGATE}]),
+     "messages.0.name"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_parameter(server, path, body, param):
+    error = assert_error(post(server, path, body), 400, "lone surrogate")
+    assert error["param"] is not None and error["param"].startswith(param), error
+
+
+def test_a_surrogate_echoed_in_an_error_is_a_readable_400(server):
+    error = assert_error(post(server, "/v1/completions", {**completion(), "suffix": SURROGATE}), 400,
+                         "unsupported parameter: suffix=", param="suffix")
+    assert "suffix='\\ud800'" in error["message"]
+    assert_error(post(server, "/v1/completions", {**completion(), SURROGATE: 1}), 400, "invalid request body")
+
+
+@pytest.mark.parametrize("authorization", [b"Bearer sk-\xe9\xff", b"Bearer \xc3\xa9t\xc3\xa9", b"Basic \xff"])
+def test_a_non_ascii_api_key_is_a_401(server, authorization):
+    response = post(server, "/v1/completions", completion(), headers={"Authorization": authorization})
+    assert_error(response, 401, "API key")
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", completion(max_tokens=8)),
+                                       ("/v1/chat/completions", chat(max_tokens=8))])
+@pytest.mark.parametrize("seed", [None, 1234])
+@pytest.mark.parametrize("temperature", [1e-39, 1e-30, 1e-6])
+def test_a_vanishing_temperature_is_greedy(server, path, body, seed, temperature):
+    greedy = post(server, path, body)
+    tiny = post(server, path, {**body, "temperature": temperature, "seed": seed})
+    assert greedy.status_code == tiny.status_code == 200, tiny.text
+    key = "text" if path == "/v1/completions" else "message"
+    assert tiny.json()["choices"][0][key] == greedy.json()["choices"][0][key]
+
+
+# ---- limits that hold, refused readably ----
+
+def test_a_30_mb_body_gets_a_readable_413(server):
+    response = post(server, "/v1/completions", b'{"prompt": "' + b"x" * (30 << 20) + b'"}')
+    assert_error(response, 413, "exceeds 20000 bytes")
+
+
+def test_a_chunked_body_over_the_limit_gets_a_readable_413(server):
+    def chunks():
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(150):
+            yield b"y" * 10_000  # 1.5 MB in all, no content-length
+        yield b'"}'
+
+    assert_error(post(server, "/v1/completions", chunks()), 413, "exceeds 20000 bytes")
+
+
+def test_a_huge_header_is_refused_at_once_and_health_stays_fast(server):
+    refused = {}
+
+    def huge_header():
+        refused["response"] = httpx.get(server.url + "/health", headers={"x-big": "z" * (100 << 20)}, timeout=60)
+
+    thread = threading.Thread(target=huge_header)
+    thread.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    assert time.monotonic() - started < 1.0
+    thread.join(60)
+    assert_error(refused["response"], 431, "request headers exceed 16384 bytes")
+
+
+@pytest.mark.parametrize("headers,fragment", [
+    ({"x-big": "z" * 40_000}, "request headers exceed 16384 bytes"),
+    ({f"x-h{i}": "1" for i in range(120)}, "more than 100 request headers"),
+])
+def test_too_many_or_too_large_headers_get_a_431_body(server, headers, fragment):
+    assert_error(httpx.get(server.url + "/health", headers=headers, timeout=10), 431, fragment)
+
+
+def test_a_malformed_request_gets_a_400_body(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GARBAGE\x00 / HTTP/1.1\r\n\r\n")
+        reply = sock.recv(65536).decode("latin-1")
+    assert reply.startswith("HTTP/1.1 400") and '"invalid HTTP request"' in reply
+
+
+def test_refusals_are_counted(server):
+    def rejected(status: str) -> float:
+        return sum(metric(httpx.get(server.url + "/metrics", timeout=10).text, "pipeinfer:request_rejected_total",
+                          f'status="{status}"'))
+
+    before = {status: rejected(status) for status in ("400", "401", "413", "431")}
+    post(server, "/v1/completions", completion(prompt=SURROGATE))
+    post(server, "/v1/completions", completion(), headers={})
+    post(server, "/v1/completions", completion(prompt="x" * 30000))
+    httpx.get(server.url + "/health", headers={"x-big": "z" * 40_000}, timeout=10)
+    for status in before:
+        assert rejected(status) == before[status] + 1, status

@@ -1,0 +1,65 @@
+"""--draft values: the one parser and the one list of draft kinds, read by
+the factory, the CLI's help, the cluster YAML's description and the layout
+planner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Each kind as the user writes it, and what it is.
+DRAFT_KINDS = {
+    "none": "no draft (every mode decodes autoregressively)",
+    "ngram": "prompt lookup (no weights)",
+    "layers:N": "the target's first N layers and its head",
+    "int8": "a dynamically int8-quantized copy of the target",
+    "synthetic:ALPHA": "an acceptance model for bench --simulate",
+    "vllm:PATH": "a draft run by vLLM (extra pipeinfer[vllm]), PATH as below",
+    "PATH": "a smaller model sharing the target's tokenizer: a directory, a .gguf, 'default', or 'target' itself",
+}
+DRAFT_HELP = "; ".join(f"{kind}: {meaning}" for kind, meaning in DRAFT_KINDS.items())
+
+
+class DraftSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DraftSpec:
+    text: str  # as given, for messages
+    kind: str  # none | ngram | layers | int8 | synthetic | vllm | model
+    num_layers: int | None = None  # layers:N
+    acceptance: float | None = None  # synthetic:ALPHA
+    path: str | None = None  # vllm:PATH, or a model path
+
+    def error(self, message: str) -> DraftSpecError:
+        return DraftSpecError(f"--draft {self.text!r}: {message}")
+
+
+def parse_draft(text: str) -> DraftSpec:
+    """The syntax only; what needs the target (N within its layers, a shared
+    vocabulary, a model that exists) is checked where the draft is built."""
+    text = text.strip()
+    kind, _, arg = text.partition(":")
+    if text in ("none", "ngram", "int8"):
+        return DraftSpec(text, text)
+    if kind == "layers":
+        try:
+            return DraftSpec(text, "layers", num_layers=int(arg))
+        except ValueError:
+            raise DraftSpecError(f"--draft {text!r}: expected layers:N with an integer N") from None
+    if kind == "synthetic":
+        try:
+            acceptance = float(arg)
+        except ValueError:
+            acceptance = -1.0
+        if not 0.0 <= acceptance <= 1.0:
+            raise DraftSpecError(f"--draft {text!r}: expected synthetic:ALPHA with ALPHA in [0, 1]")
+        return DraftSpec(text, "synthetic", acceptance=acceptance)
+    if kind == "vllm":
+        if not arg.strip():
+            raise DraftSpecError(f"--draft {text!r}: expected vllm:PATH (a model directory, a .gguf, 'default' "
+                                 "or 'target')")
+        return DraftSpec(text, "vllm", path=arg.strip())
+    if not text:
+        raise DraftSpecError(f"--draft is empty; drafts: {DRAFT_HELP}")
+    return DraftSpec(text, "model", path=text)
