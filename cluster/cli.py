@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -12,12 +13,15 @@ from pathlib import Path
 from cluster import up as cluster_up
 from cluster.layout import format_table
 from cluster.spec import SpecError
+from compute.model_source import ModelSourceError
+from compute.stage_model import DTYPES
+from compute.types import SamplingParams
 from draft_models import DRAFT_HELP, DraftSpecError
-from pipeline.engine import DTYPES, TRANSPORTS, Engine, EngineConfig, GenerationError
-from pipeline.model_source import ModelSourceError
+from loadtests.bench import BenchConfig
+from pipeline.engine import TRANSPORTS, Engine, EngineConfig, GenerationError
 from pipeline.sim_profiles import PROFILES
 from pipeline.speculation import SpeculationConfig
-from pipeline.types import Mode, SamplingParams
+from pipeline.types import Mode
 from server.app import ServerSettings
 
 
@@ -80,16 +84,20 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure the modes side by side: results.json, plots, trace")
     _add_engine_args(bench, with_mode=False)
-    bench.add_argument("--modes", default="ar,sync,pipeinfer", help="comma-separated modes to compare")
+    defaults = {f.name: f.default for f in dataclasses.fields(BenchConfig)}  # the defaults live there
+    bench.add_argument("--modes", default=",".join(m.value for m in defaults["modes"]),
+                       help="comma-separated modes to compare")
     bench.add_argument("--simulate", default=None, metavar="PROFILE",
                        help=f"run in simulated time on a modelled cluster: {', '.join(PROFILES)} (sets the stages)")
     bench.add_argument("--prompts", type=Path, default=None,
                        help="one prompt per line, or JSONL with a \"prompt\" field (default: 5 built-in prompts)")
-    bench.add_argument("--max-tokens", type=int, default=64, help="tokens per request (EOS is ignored)")
-    bench.add_argument("--repeat", type=int, default=2, help="repetitions, interleaved across modes")
-    bench.add_argument("--concurrency", default="1", help="comma-separated requests in flight, e.g. 1,8")
+    bench.add_argument("--max-tokens", type=int, default=defaults["max_tokens"],
+                       help="tokens per request (EOS is ignored)")
+    bench.add_argument("--repeat", type=int, default=defaults["repeat"], help="repetitions, interleaved across modes")
+    bench.add_argument("--concurrency", default=",".join(map(str, defaults["concurrency"])),
+                       help="comma-separated requests in flight, e.g. 1,8")
     bench.add_argument("--baselines", default="", help="comma-separated peers to run too (extra pipeinfer[vllm]): vllm, vllm-ngram, vllm-draft:PATH")
-    bench.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
+    bench.add_argument("--out", type=Path, default=defaults["out_dir"], help="output directory")
     bench.set_defaults(handler=_bench)
 
     up = commands.add_parser("up", help="start a deployment from a cluster YAML file")
@@ -110,21 +118,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_engine_args(parser: argparse.ArgumentParser, with_mode: bool = True) -> None:
-    spec = SpeculationConfig()
-    parser.add_argument("--model", default="default",
+    engine, spec = EngineConfig(), SpeculationConfig()  # the defaults live there
+    parser.add_argument("--model", default=engine.model,
                         help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face directory, or a .gguf file")
-    parser.add_argument("--draft", default="none", help=f"the draft. {DRAFT_HELP}")
-    parser.add_argument("--stages", type=int, default=1, help="pipeline stages the layers are split over")
+    parser.add_argument("--draft", default=engine.draft, help=f"the draft. {DRAFT_HELP}")
+    parser.add_argument("--stages", type=int, default=engine.num_stages, help="pipeline stages the layers are split over")
     if with_mode:
-        parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.PIPEINFER.value,
+        parser.add_argument("--mode", choices=[m.value for m in Mode], default=spec.mode.value,
                             help="ar: one token per run; sync: draft k then verify; pipeinfer: continuous speculation")
-    parser.add_argument("--transport", choices=list(TRANSPORTS), default="local",
+    parser.add_argument("--transport", choices=list(TRANSPORTS), default=engine.transport,
                         help="local: stages as threads in this process; ray: one Ray actor per stage; "
                              "mpi: one MPI rank per stage (launch with mpirun -n STAGES+1)")
-    parser.add_argument("--ray-address", default=None,
+    parser.add_argument("--ray-address", default=engine.ray_address,
                         help="ray transport: 'auto' or an address joins a running cluster (default: a private local Ray)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--kv-budget-bytes", type=int, default=None,
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=engine.dtype)
+    parser.add_argument("--kv-budget-bytes", type=int, default=engine.kv_budget_bytes,
                         help="per stage: refuse new requests while this much KV is in use (default: no limit)")
     parser.add_argument("--draft-len", type=int, default=spec.draft_len, help="most draft tokens per run")
     parser.add_argument("--max-in-flight", type=int, default=spec.max_runs_in_flight,
@@ -146,17 +154,21 @@ def _serve_mpi_stage(args: argparse.Namespace) -> bool:
     """Under mpirun every rank runs this command: ranks 1..N become the stages
     (and return True when told to stop); rank 0 goes on as the coordinator.
     A wrong rank count is reported by rank 0, which then aborts the job."""
-    from pipeline.model_source import load_config, resolve_model
-    from pipeline.mpi_transport import check_rank_count, mpi_rank_and_size, run_stage_worker
-    from pipeline.partition import even_split
+    from compute.model_source import load_config, resolve_model
+    from pipeline.mpi_transport import (
+        check_rank_count,
+        mpi_rank_and_size,
+        run_stage_worker,
+    )
 
     rank, _ = mpi_rank_and_size()
     if rank == 0:
         check_rank_count(args.stages)  # before loading anything; the error aborts every rank
         return False
-    model_dir = resolve_model(args.model, show_progress=False)
-    ranges = even_split(load_config(model_dir).num_hidden_layers, args.stages)
-    run_stage_worker(str(model_dir), ranges, DTYPES[args.dtype], args.kv_budget_bytes)
+    config = _engine_config(args)
+    model_dir = resolve_model(config.model, show_progress=False)
+    plans = config.plans(load_config(model_dir).num_hidden_layers)  # the split rank 0's engine makes
+    run_stage_worker(str(model_dir), plans, config.dtype, config.kv_budget_bytes)
     return True
 
 
@@ -174,7 +186,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from loadtests.bench import DEFAULT_PROMPTS, BenchConfig, load_prompts, run_bench
+    from loadtests.bench import DEFAULT_PROMPTS, load_prompts, run_bench
 
     try:
         modes = tuple(Mode(m) for m in _csv(args.modes))

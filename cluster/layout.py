@@ -16,11 +16,11 @@ from pathlib import Path
 from safetensors import safe_open
 
 from cluster.spec import ClusterSpec, SpecError
+from compute.model_source import load_config, resolve_model
+from compute.stage_model import DTYPES
 from draft_models import parse_draft
 from draft_models.factory import draft_model_dir
-from pipeline.model_source import load_config, resolve_model
 from pipeline.partition import StagePlan
-from pipeline.stage_model import DTYPES
 
 GB = 1024**3
 MB = 1024**2

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import uvicorn
 
+from compute.model_source import DEFAULT_MODEL, DEFAULT_MODEL_GGUF
 from pipeline.engine import Engine, EngineConfig
-from pipeline.model_source import DEFAULT_MODEL, DEFAULT_MODEL_GGUF
 from server.app import ServerSettings, create_app
 from server.engine_host import EngineHost
 from server.http_protocol import limited_h11

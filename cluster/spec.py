@@ -13,9 +13,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from compute.stage_model import DTYPES
 from draft_models import DRAFT_HELP, parse_draft
+from pipeline.engine import EngineConfig
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode
 from server.app import ServerSettings
@@ -29,13 +38,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_SPECULATION = SpeculationConfig()  # the defaults live there
+_ENGINE = EngineConfig()
+DType = Literal[tuple(DTYPES)]
+
+
 class SpeculationSpec(_Strict):
-    mode: Mode = Field(Mode.PIPEINFER, description="ar, sync or pipeinfer.")
-    draft_len: int = Field(4, ge=1, le=16, description="Most draft tokens per run.")
-    max_runs_in_flight: int = Field(4, ge=1, le=64, description="Most runs in flight per request (pipeinfer).")
-    confidence_cutoff: float = Field(0.4, ge=0, le=1, description="Draft confidence below which drafting stops.")
-    cutoff_recovery: float = Field(0.05, ge=0, le=1, description="Cutoff relaxes by this while the pipeline waits.")
-    cutoff_decay: float = Field(0.1, ge=0, le=1, description="Cutoff tightens by this after a rejection.")
+    mode: Mode = Field(_SPECULATION.mode, description="ar, sync or pipeinfer.")
+    draft_len: int = Field(_SPECULATION.draft_len, ge=1, le=16, description="Most draft tokens per run.")
+    max_runs_in_flight: int = Field(_SPECULATION.max_runs_in_flight, ge=1, le=64,
+                                    description="Most runs in flight per request (pipeinfer).")
+    confidence_cutoff: float = Field(_SPECULATION.confidence_cutoff, ge=0, le=1,
+                                     description="Draft confidence below which drafting stops.")
+    cutoff_recovery: float = Field(_SPECULATION.cutoff_recovery, ge=0, le=1,
+                                   description="Cutoff relaxes by this while the pipeline waits.")
+    cutoff_decay: float = Field(_SPECULATION.cutoff_decay, ge=0, le=1,
+                                description="Cutoff tightens by this after a rejection.")
 
     def to_config(self) -> SpeculationConfig:
         return SpeculationConfig(**self.model_dump())
@@ -47,7 +65,7 @@ class StageSpec(_Strict):
                                         description="Ray node resources this stage needs, e.g. {node_a: 1}.")
     num_cpus: float = Field(1.0, gt=0, description="Logical CPUs reserved for the stage actor.")
     memory_gb: float | None = Field(None, gt=0, description="Memory the stage may use; the split must fit it.")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="Overrides the top-level dtype.")
+    dtype: DType | None = Field(None, description="Overrides the top-level dtype.")
     device: Literal["cpu"] = Field("cpu", description="Where the stage computes (GPU stages: see the vLLM issue).")
 
     @field_validator("layers")
@@ -84,16 +102,17 @@ class GatewaySpec(_Strict):
 
 class ClusterSpec(_Strict):
     name: str = Field("pipeinfer", pattern=r"^[A-Za-z0-9_.-]+$", description="Names this deployment (for down/status).")
-    model: str = Field("default", description="'default', a Hugging Face directory, or a .gguf file.")
-    draft: str = Field("none", description=f"The draft. {DRAFT_HELP}.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Default compute dtype.")
+    model: str = Field(_ENGINE.model, description="'default', a Hugging Face directory, or a .gguf file.")
+    draft: str = Field(_ENGINE.draft, description=f"The draft. {DRAFT_HELP}.")
+    dtype: DType = Field(_ENGINE.dtype, description="Default compute dtype.")
     speculation: SpeculationSpec = Field(default_factory=SpeculationSpec)
-    stages: int | list[StageSpec] = Field(1, description="A count (split automatically) or one entry per stage.")
+    stages: int | list[StageSpec] = Field(_ENGINE.num_stages, description="A count (split automatically) or one entry per stage.")
     stage_memory_gb: float | None = Field(None, gt=0, description="With a stage count: memory each stage may use.")
     draft_stage: int | None = Field(0, ge=0, description="The stage whose node also runs the draft (takes fewer layers).")
     transport: Literal["local", "ray"] = Field("ray", description="Where stages run.")
     ray: RaySpec = Field(default_factory=RaySpec)
-    kv_budget_bytes: int | None = Field(None, ge=1, description="Per stage: refuse new requests beyond this KV.")
+    kv_budget_bytes: int | None = Field(_ENGINE.kv_budget_bytes, ge=1,
+                                        description="Per stage: refuse new requests beyond this KV.")
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
 
     @field_validator("stages")

@@ -21,8 +21,8 @@ import httpx
 
 from cluster.layout import format_layout, format_table, plan_layout
 from cluster.spec import ClusterSpec, GatewaySpec, SpecError, load_spec
+from compute.model_source import cache_dir
 from pipeline.engine import EngineConfig
-from pipeline.model_source import cache_dir
 
 READY_TIMEOUT_S = 900
 DOWN_MARGIN_S = 20  # beyond the grace period, for the driver to stop its stages

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from pipeline.types import SamplingParams
+from compute.types import SamplingParams
 
 
 @dataclass(slots=True)
@@ -30,6 +30,7 @@ class DraftModel(Protocol):
     """
 
     name: str
+    is_free: bool  # its guesses cost no compute (n-gram lookup, no draft)
 
     def propose(
         self,
@@ -48,6 +49,7 @@ class NoDraft:
     """`--draft none`: never guesses, so every mode decodes autoregressively."""
 
     name = "none"
+    is_free = True
 
     def propose(self, seq_id, token_ids, max_tokens, sampling, cutoff, generator) -> DraftProposal:
         return DraftProposal()

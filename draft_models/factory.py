@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
+from compute.model_source import ModelSourceError, load_config, resolve_model
+from compute.stage_model import StageModel
 from draft_models.base import DraftModel, NoDraft
 from draft_models.model_draft import ModelDraft
 from draft_models.ngram import NGramDraft
 from draft_models.spec import DRAFT_KINDS, DraftSpec, DraftSpecError, parse_draft
 from draft_models.synthetic import SyntheticDraft
-from pipeline.model_source import ModelSourceError, load_config, resolve_model
-from pipeline.stage_model import StageModel
 
 
 def load_draft(text: str, target_dir: Path, dtype: torch.dtype = torch.float32, show_progress: bool = True) -> DraftModel:
@@ -63,7 +63,8 @@ def draft_model_dir(spec: DraftSpec, target_dir: Path, show_progress: bool = Fal
 
 def _vllm_draft(spec: DraftSpec, target_dir: Path, dtype: torch.dtype, show_progress: bool) -> DraftModel:
     """vllm:PATH: the draft runs in vLLM (imported lazily, in a child process)."""
-    from draft_models.vllm_draft import VLLMDraft, VLLMError, require_vllm
+    from compute.vllm_host import VLLMError, require_vllm
+    from draft_models.vllm_draft import VLLMDraft
 
     try:
         require_vllm()

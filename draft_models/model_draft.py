@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compute.line_kv import DraftKV
+from compute.sampling import choose_token
+from compute.stage_model import StageModel
+from compute.types import SamplingParams
 from draft_models.base import DraftProposal
-from pipeline.kv_cache import DraftKV
-from pipeline.sampling import choose_token
-from pipeline.stage_model import StageModel
-from pipeline.types import SamplingParams
 
 
 @dataclass(slots=True)
@@ -23,6 +23,8 @@ class _SequenceDraftState:
 
 
 class ModelDraft:
+    is_free = False
+
     def __init__(self, name: str, model: StageModel) -> None:
         if not (model.is_first and model.is_last):
             raise ValueError("a draft model needs its embeddings and its head")

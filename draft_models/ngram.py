@@ -10,6 +10,7 @@ from draft_models.base import DraftProposal
 
 class NGramDraft:
     name = "ngram"
+    is_free = True
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:

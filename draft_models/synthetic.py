@@ -14,14 +14,16 @@ from collections.abc import Sequence
 
 import torch
 
+from compute.types import SamplingParams
 from draft_models.base import DraftProposal
 from draft_models.model_draft import ModelDraft
-from pipeline.types import SamplingParams
 
 _GREEDY = SamplingParams()
 
 
 class SyntheticDraft:
+    is_free = False  # it stands for a real draft, whose time the simulator charges
+
     def __init__(self, oracle: ModelDraft, acceptance: float, vocab_size: int, seed: int = 0) -> None:
         if not 0.0 <= acceptance <= 1.0:
             raise ValueError(f"acceptance must be in [0, 1], got {acceptance}")

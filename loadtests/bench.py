@@ -24,13 +24,14 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from compute.types import GenerationRequest, SamplingParams, check_context
 from loadtests.bench_plots import write_plots
 from loadtests.bench_summary import ModeRecord, outputs_match, ratios, summarize
 from loadtests.timing import RequestTiming
 from pipeline.engine import Engine, EngineConfig, GenerationError
 from pipeline.sim_profiles import get_profile
 from pipeline.trace import StageSpan
-from pipeline.types import FinishEvent, GenerationRequest, Mode, SamplingParams, TokenEvent
+from pipeline.types import FinishEvent, Mode, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,13 @@ class EngineModeRunner:
     def __init__(self, engine: Engine, mode: Mode) -> None:
         self.name = mode.value
         self._engine = engine
-        self._speculation = dataclasses.replace(engine.config.speculation, mode=mode)
+        self._speculation = dataclasses.replace(engine.speculation, mode=mode)
 
     def run(self, prompts: list[list[int]], max_tokens: int, concurrency: int) -> Batch:
         engine = self._engine
-        engine.coordinator.set_speculation(self._speculation)  # handled before the requests below
+        engine.set_speculation(self._speculation)  # handled before the requests below
         engine.stage_spans()  # drop anything recorded before this batch
-        clock = engine.coordinator.clock  # simulated time under --simulate
+        clock = engine.clock  # simulated time under --simulate
         started = clock()
         with ThreadPoolExecutor(concurrency) as pool:
             timings = list(pool.map(lambda item: self._one(*item, max_tokens), enumerate(prompts)))
@@ -156,10 +157,7 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
     try:
         runners += [BaselineRunner(kind, engine.model_dir, config.engine.dtype) for kind in config.baselines]
         prompts = [engine.encode(p) for p in config.prompts]
-        longest = max(len(p) for p in prompts) + config.max_tokens
-        if longest > engine.max_context:
-            raise ValueError(f"the longest prompt plus --max-tokens is {longest} tokens, over the model's "
-                             f"context of {engine.max_context}")
+        check_context(max(len(p) for p in prompts), config.max_tokens, engine.max_context, "--max-tokens")
         for runner in runners:  # warm up: first-call costs (allocation, compilation) stay out of the figures
             runner.run(prompts[:1], min(4, config.max_tokens), 1)
         records = _measure(config, runners, prompts, show_progress)

@@ -8,7 +8,7 @@ kinds:
                     .gguf or "default", as --model takes; it must share the
                     target's tokenizer)
 
-vLLM runs in a child process (draft_models.vllm_draft.VLLMHost) with its
+vLLM runs in a child process (compute.vllm_host.VLLMHost) with its
 engine in-process there: on this 2-core CPU that is faster than vLLM's default
 layout, which reserves one of the two cores for its scheduler process
 (measured: see README). It is eager (enforce_eager=True; torch.compile costs a
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from draft_models.vllm_draft import DEFAULT_KV_CACHE_BYTES, VLLMHost, require_vllm
+from compute.vllm_host import DEFAULT_KV_CACHE_BYTES, VLLMHost, require_vllm
 from loadtests.timing import RequestTiming
 
 KINDS = "vllm, vllm-ngram, vllm-draft:PATH"
@@ -44,7 +44,7 @@ def speculative_config(kind: str) -> dict | None:
         return {"method": "ngram", "num_speculative_tokens": NUM_SPECULATIVE_TOKENS,
                 "prompt_lookup_max": NGRAM_MAX, "prompt_lookup_min": NGRAM_MIN}
     if kind.startswith("vllm-draft:") and kind.split(":", 1)[1]:
-        from pipeline.model_source import ModelSourceError, resolve_model
+        from compute.model_source import ModelSourceError, resolve_model
 
         spec = kind.split(":", 1)[1]
         try:

@@ -19,34 +19,35 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from compute.types import Failure, FailureCode, GenerationRequest, check_context
 from draft_models.base import DraftModel
 from pipeline.speculation import AdaptiveCutoff, SpeculationConfig
 from pipeline.transport import Transport
 from pipeline.types import (
     CommitKV,
-    Failure,
-    FailureCode,
+    Delivery,
     FinishEvent,
     FreeSequence,
-    GenerationRequest,
     GenerationStats,
     Mode,
+    PipelineFailed,
     Run,
     RunResult,
+    SequenceFailed,
     TokenEvent,
 )
-from pipeline.verify import speculative_sample
+from pipeline.verify import verify
 
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[TokenEvent | FinishEvent], None]
+STALL_TIMEOUT_S = 120.0  # no result for a request, and no stage progress, for this long: it is stalled
 WATCHDOG_INTERVAL_S = 1.0  # how often the loop checks for dead stages and stalled requests
 
 
@@ -79,28 +80,30 @@ class SequenceState:
 
 
 class Coordinator:
-    """Runs its own loop thread, unless own_thread=False: then whoever owns the
-    clock (the simulated transport) calls step() itself, so that the real
-    coordinator runs in simulated time."""
+    """Runs its own loop thread, on the transport's clock; a transport that
+    drives the coordinator itself (the simulator) steps it in simulated time
+    instead."""
 
     def __init__(self, transport: Transport, draft: DraftModel, config: SpeculationConfig, max_context: int,
-                 stall_timeout_s: float = 120.0, clock: Callable[[], float] = time.perf_counter,
-                 own_thread: bool = True) -> None:
+                 stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
         self.transport = transport
         self.stall_timeout_s = stall_timeout_s
         self.draft = draft
         self.config = config
         self.max_context = max_context
-        self.clock = clock
+        self.clock = transport.clock
         self.is_stopped = False  # the close event was handled
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._seqs: dict[int, SequenceState] = {}
         self._seq_ids = itertools.count()
         self._run_ids = itertools.count()
-        self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True) if own_thread else None
+        self._thread = None
         self._closed = False
         transport.start(lambda result: self._events.put(("result", result)))
-        if self._thread is not None:
+        if transport.drives_coordinator:
+            transport.drive(self)
+        else:
+            self._thread = threading.Thread(target=self._loop, name="coordinator", daemon=True)
             self._thread.start()
 
     # ---- public, thread-safe -------------------------------------------
@@ -108,12 +111,7 @@ class Coordinator:
     def submit(self, request: GenerationRequest, sink: EventSink) -> int:
         if self._closed:
             raise RuntimeError("the coordinator is closed")
-        needed = len(request.prompt_token_ids) + request.max_tokens
-        if needed > self.max_context:
-            raise ValueError(
-                f"prompt ({len(request.prompt_token_ids)} tokens) plus max_tokens ({request.max_tokens}) "
-                f"exceeds the model's context of {self.max_context} tokens"
-            )
+        check_context(len(request.prompt_token_ids), request.max_tokens, self.max_context)
         seq_id = next(self._seq_ids)
         self._events.put(("new", (seq_id, request, sink)))
         return seq_id
@@ -269,6 +267,7 @@ class Coordinator:
         if budget <= 0:
             return None
         proposal = self.draft.propose(seq.seq_id, context, budget, seq.request.sampling, cutoff, seq.generator)
+        self.transport.charge_draft(self.draft, len(proposal.token_ids))
         return proposal if proposal.token_ids else None
 
     def _submit(self, seq: SequenceState, parent: Run | None, start_pos: int, token_ids: list[int], drafts) -> None:
@@ -291,17 +290,18 @@ class Coordinator:
 
     # ---- receive, verify, commit/cancel ---------------------------------
 
-    def _receive(self, result: RunResult) -> None:
-        if result.seq_id == -1 and result.failure is not None:  # the transport lost state of every sequence
+    def _receive(self, delivery: Delivery) -> None:
+        if isinstance(delivery, PipelineFailed):
             for seq in list(self._seqs.values()):
-                self._finish(seq, "error", result.failure)
+                self._finish(seq, "error", delivery.failure)
             return
-        seq = self._seqs.get(result.seq_id)
+        seq = self._seqs.get(delivery.seq_id)
         if seq is None:
             return  # the sequence already finished
-        if result.failure is not None and result.run_id == -1:
-            self._finish(seq, "error", result.failure)
+        if isinstance(delivery, SequenceFailed):
+            self._finish(seq, "error", delivery.failure)
             return
+        result = delivery
         if not any(run.run_id == result.run_id for run in seq.chain):
             return  # cancelled: its result is stale
         if result.failure is not None:
@@ -315,56 +315,39 @@ class Coordinator:
 
     def _verify(self, seq: SequenceState, run: Run, result: RunResult) -> None:
         """Accept the longest agreeing prefix plus one target token."""
-        first = len(seq.token_ids) - 1 - run.start_pos  # output index predicting the next position
+        first = len(seq.token_ids) - 1 - run.start_pos  # the output predicting the next position
         assert 0 <= first < len(run.token_ids), (run, len(seq.token_ids))
-        new_token_ids: list[int] = []
-        num_valid_kv = len(run.token_ids)
-        is_rejected = False
-        finish_reason = None
-        for j in range(first, len(run.token_ids)):
-            proposal, q = self._proposal_after(seq, run, j)
-            token = self._target_token(seq, run, result, j, proposal, q)
+        # The guess for each output's position: the run's next input, and
+        # after its last, the next run's first token (if one is in flight).
+        after = seq.chain[0] if seq.chain else None
+        probs = seq.draft_probs.pop(run.run_id, None) or [None] * len(run.token_ids)
+        verdict = verify(
+            [*run.token_ids[first + 1:], after.token_ids[0] if after else None],
+            [*probs[first + 1:], (seq.draft_probs.get(after.run_id) or [None])[0] if after else None],
+            None if result.target_token_ids is None else result.target_token_ids[first:],
+            None if result.target_probs is None else result.target_probs[first:],
+            seq.generator,
+        )
+        new_token_ids, finish_reason = [], None
+        for token in verdict.token_ids:
             seq.token_ids.append(token)
             new_token_ids.append(token)
-            finish_reason = self._finish_reason(seq, token)
-            if proposal is not None and token == proposal:
-                seq.stats.num_accepted_tokens += 1
-            if finish_reason is not None:
+            if (finish_reason := self._finish_reason(seq, token)) is not None:
                 break
-            if proposal is not None and token != proposal:
-                num_valid_kv, is_rejected = j + 1, True
-                break
+        seq.stats.num_accepted_tokens += min(verdict.num_accepted, len(new_token_ids))
         seq.stats.num_verify_steps += 1
-        seq.draft_probs.pop(run.run_id, None)
         self._emit(seq, new_token_ids)
         if finish_reason is not None:
             self._finish(seq, finish_reason)
             return
+        num_valid_kv = first + len(verdict.token_ids) if verdict.is_rejected else len(run.token_ids)
         self.transport.send_kv_op(CommitKV(seq.seq_id, run.run_id, num_valid_kv))
         seq.committed_len = run.start_pos + num_valid_kv
-        if is_rejected:
+        if verdict.is_rejected:
             self._cancel_chain(seq)
             seq.cutoff.on_rejection()
         elif run.is_speculative:
             seq.cutoff.on_acceptance()
-
-    @staticmethod
-    def _proposal_after(seq: SequenceState, run: Run, j: int) -> tuple[int | None, torch.Tensor | None]:
-        """The guess for the position after run.token_ids[j], and its draft probs."""
-        if j + 1 < len(run.token_ids):
-            owner, index = run, j + 1
-        elif seq.chain:
-            owner, index = seq.chain[0], 0
-        else:
-            return None, None
-        probs = seq.draft_probs.get(owner.run_id)
-        return owner.token_ids[index], None if probs is None else probs[index]
-
-    @staticmethod
-    def _target_token(seq, run, result: RunResult, j: int, proposal, q) -> int:
-        if result.target_token_ids is not None:
-            return result.target_token_ids[j]
-        return speculative_sample(result.target_probs[j], proposal, q, seq.generator)
 
     def _finish_reason(self, seq: SequenceState, token: int) -> str | None:
         if token in seq.request.stop_token_ids:

@@ -1,40 +1,33 @@
-"""The engine facade: build stages, transport, draft and coordinator from a
-config, and generate. Everything above it (CLI, HTTP) talks only to this."""
+"""The engine facade: stages, transport, draft and coordinator assembled (from
+a config, or by hand), and generation. Everything above it (CLI, HTTP, the
+benchmark) talks only to this."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
-from draft_models import load_draft
-from pipeline.coordinator import Coordinator
+from compute.model_source import load_config, resolve_model
+from compute.stage_model import DTYPES
+from compute.types import Failure, FailureCode, GenerationRequest, SamplingParams
+from draft_models import DraftModel, load_draft
+from pipeline.coordinator import STALL_TIMEOUT_S, Coordinator
 from pipeline.local_transport import LayerDelay, LocalTransport
-from pipeline.model_source import load_config, resolve_model
 from pipeline.partition import StagePlan, even_plans
 from pipeline.sim_profiles import get_profile
-from pipeline.sim_transport import CostedDraft, SimulatedTransport
+from pipeline.sim_transport import SimulatedTransport
 from pipeline.speculation import SpeculationConfig
 from pipeline.stage import Stage
-from pipeline.stage_model import DTYPES, StageModel
 from pipeline.trace import StageSpan
 from pipeline.transport import Transport
-from pipeline.types import (
-    Failure,
-    FailureCode,
-    FinishEvent,
-    GenerationRequest,
-    GenerationStats,
-    SamplingParams,
-    TokenEvent,
-)
+from pipeline.types import FinishEvent, GenerationStats, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +49,13 @@ class EngineConfig:
     # A sim_profiles name: the real model computes the tokens in simulated time
     # on the cluster the profile describes (its stage count wins).
     simulate: str | None = None
+
+    def plans(self, num_layers: int) -> tuple[StagePlan, ...]:
+        """The stages' layer ranges: the explicit ones, or an even split (over
+        the simulated cluster's own stage count)."""
+        if self.stage_plans:
+            return self.stage_plans
+        return even_plans(num_layers, get_profile(self.simulate).num_stages if self.simulate else self.num_stages)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -85,77 +85,76 @@ class GenerationError(RuntimeError):
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, model_dir: Path, coordinator: Coordinator) -> None:
-        self.config = config
-        self.model_dir = model_dir
-        self.coordinator = coordinator
+    """Generation over assembled parts: a transport (with its stages), a draft
+    and the speculation settings. Engine.load(config) assembles them from a
+    config; a test or a tool may assemble its own."""
+
+    def __init__(self, model_dir: Path, transport: Transport, draft: DraftModel, speculation: SpeculationConfig,
+                 *, stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
+        self.model_dir = Path(model_dir)
         self.model_config = load_config(model_dir)
-        self.tokenizer = _load_tokenizer(model_dir)
-        self.eos_token_ids = _eos_token_ids(model_dir, self.model_config)
+        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_config)
+        self.transport = transport
+        self.speculation = speculation
+        self._coordinator = Coordinator(transport, draft, speculation, self.model_config.max_position_embeddings,
+                                        stall_timeout_s)
 
     @classmethod
-    def load(cls, config: EngineConfig, *, layer_delay: LayerDelay | None = None, show_progress: bool = True) -> Engine:
+    def load(cls, config: EngineConfig, *, layer_delay: LayerDelay | None = None, show_progress: bool = True,
+             stall_timeout_s: float = STALL_TIMEOUT_S) -> Engine:
         model_dir = resolve_model(config.model, show_progress)
-        model_config = load_config(model_dir)
-        dtype = DTYPES[config.dtype]
-        num_stages = get_profile(config.simulate).num_stages if config.simulate else config.num_stages
-        plans = config.stage_plans or even_plans(model_config.num_hidden_layers, num_stages)
-        transport = _make_transport(config, model_dir, plans, dtype, layer_delay, show_progress)
+        plans = config.plans(load_config(model_dir).num_hidden_layers)
+        transport = _make_transport(config, model_dir, plans, layer_delay, show_progress)
         try:
-            draft = load_draft(config.draft, model_dir, dtype=dtype, show_progress=show_progress)
-            max_context = model_config.max_position_embeddings
-            if isinstance(transport, SimulatedTransport):
-                coordinator = Coordinator(transport, CostedDraft(draft, transport), config.speculation, max_context,
-                                          clock=transport.clock, own_thread=False)
-                transport.drive(coordinator)
-            else:
-                coordinator = Coordinator(transport, draft, config.speculation, max_context)
+            draft = load_draft(config.draft, model_dir, dtype=DTYPES[config.dtype], show_progress=show_progress)
+            engine = cls(model_dir, transport, draft, config.speculation, stall_timeout_s=stall_timeout_s)
         except BaseException:
             transport.close()  # stages, and the private Ray they run on
             raise
         log.info("engine ready: %s, %d %s stage(s) %s, draft %s, mode %s", model_dir, len(plans), config.transport,
                  [(p.layer_start, p.layer_end) for p in plans], config.draft, config.speculation.mode.value)
-        return cls(config, model_dir, coordinator)
+        return engine
 
     @property
     def stages(self) -> list[Stage]:
-        """The Stage objects, for the local transport (in this process)."""
-        return getattr(self.coordinator.transport, "stages", [])
-
-    def generate(self, request: GenerationRequest) -> Iterator[TokenEvent | FinishEvent]:
-        """Blocking stream of events; closing the iterator early aborts the request."""
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        seq_id = self.coordinator.submit(request, events.put)
-        finished = False
-        try:
-            while not finished:
-                event = events.get()
-                finished = isinstance(event, FinishEvent)
-                yield event
-        finally:
-            if not finished:
-                self.coordinator.abort(seq_id)
-
-    def stream(self, request: GenerationRequest) -> EventStream:
-        """The same stream for asyncio (call from a running loop)."""
-        return EventStream(self.coordinator, request, asyncio.get_running_loop())
+        """The Stage objects, where they live in this process (local and simulated transports)."""
+        return getattr(self.transport, "stages", [])
 
     @property
     def max_context(self) -> int:
-        return self.coordinator.max_context
+        return self._coordinator.max_context
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The coordinator's clock: simulated seconds on a simulated cluster."""
+        return self.transport.clock
+
+    def generate(self, request: GenerationRequest) -> EventStream:
+        """The request's events, to iterate from this thread; closing early aborts it."""
+        return EventStream(self._coordinator, request)
+
+    def stream(self, request: GenerationRequest) -> EventStream:
+        """The same, for asyncio (call from a running loop)."""
+        return EventStream(self._coordinator, request, asyncio.get_running_loop())
+
+    def set_speculation(self, speculation: SpeculationConfig) -> None:
+        """Running requests follow the new settings from their next launch (every mode is lossless)."""
+        self.speculation = speculation
+        self._coordinator.set_speculation(speculation)
 
     def is_alive(self) -> bool:
-        return self.coordinator.is_alive()
+        return self._coordinator.is_alive()
 
     def fail_all(self, failure: Failure) -> None:
         """End every running request with this failure."""
-        self.coordinator.fail_all(failure)
+        self._coordinator.fail_all(failure)
 
     def stage_stats(self) -> list[dict]:
-        return self.coordinator.transport.stage_stats()
+        return self.transport.stage_stats()
 
     def stage_spans(self) -> list[StageSpan]:
-        return self.coordinator.transport.stage_spans()
+        return self.transport.stage_spans()
 
     def complete(self, request: GenerationRequest) -> GenerationOutput:
         token_ids: list[int] = []
@@ -183,7 +182,7 @@ class Engine:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def close(self) -> None:
-        self.coordinator.close()
+        self._coordinator.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -193,15 +192,31 @@ class Engine:
 
 
 class EventStream:
-    """Async iterator over one request's events. abort() stops generation and
-    the stream then ends with FinishEvent("abort") carrying the stats;
-    aclose() (also on cancellation) aborts if not finished."""
+    """One request's events: TokenEvents, then one FinishEvent. Iterate it
+    from a thread, or, made with the running loop, from asyncio. abort()
+    stops generation (the stream then ends with FinishEvent("abort") and the
+    stats); close()/aclose() abort it if it has not finished."""
 
-    def __init__(self, coordinator: Coordinator, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, coordinator: Coordinator, request: GenerationRequest,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._coordinator = coordinator
-        self._events: asyncio.Queue = asyncio.Queue()
-        self._seq_id = coordinator.submit(request, lambda e: loop.call_soon_threadsafe(self._events.put_nowait, e))
+        if loop is None:
+            self._events: queue.SimpleQueue | asyncio.Queue = queue.SimpleQueue()
+            sink = self._events.put
+        else:
+            self._events = asyncio.Queue()
+            sink = lambda event: loop.call_soon_threadsafe(self._events.put_nowait, event)  # noqa: E731
+        self.is_finished = True  # until submitted: nothing to abort
+        self._seq_id = coordinator.submit(request, sink)
         self.is_finished = False
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> TokenEvent | FinishEvent:
+        if self.is_finished:
+            raise StopIteration
+        return self._took(self._events.get())
 
     def __aiter__(self) -> EventStream:
         return self
@@ -209,19 +224,27 @@ class EventStream:
     async def __anext__(self) -> TokenEvent | FinishEvent:
         if self.is_finished:
             raise StopAsyncIteration
-        event = await self._events.get()
+        return self._took(await self._events.get())
+
+    def _took(self, event: TokenEvent | FinishEvent) -> TokenEvent | FinishEvent:
         self.is_finished = isinstance(event, FinishEvent)
         return event
 
     def abort(self) -> None:
         self._coordinator.abort(self._seq_id)
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         if not self.is_finished:
             self.abort()
 
+    async def aclose(self) -> None:
+        self.close()
 
-def _make_transport(config: EngineConfig, model_dir: Path, plans: tuple[StagePlan, ...], dtype: torch.dtype,
+    def __del__(self) -> None:  # an abandoned stream, as a dropped generator would, stops its request
+        self.close()
+
+
+def _make_transport(config: EngineConfig, model_dir: Path, plans: tuple[StagePlan, ...],
                     layer_delay: LayerDelay | None, show_progress: bool) -> Transport:
     if config.transport == "ray":
         from pipeline.ray_cluster import RayCluster
@@ -229,7 +252,7 @@ def _make_transport(config: EngineConfig, model_dir: Path, plans: tuple[StagePla
 
         cluster = RayCluster.connect(config.ray_address)
         try:
-            return RayTransport(str(model_dir), list(plans), dtype, config.placement_strategy,
+            return RayTransport(str(model_dir), plans, config.dtype, config.placement_strategy,
                                 config.kv_budget_bytes, cluster=cluster)
         except BaseException:
             cluster.stop()
@@ -238,11 +261,8 @@ def _make_transport(config: EngineConfig, model_dir: Path, plans: tuple[StagePla
         from pipeline.mpi_transport import MPITransport
 
         return MPITransport(len(plans))
-    stages = []
-    for index, plan in enumerate(tqdm(plans, desc="loading stages", unit="stage", disable=not show_progress)):
-        model = StageModel.load(model_dir, plan.layer_start, plan.layer_end, with_embed=index == 0,
-                                with_head=index == len(plans) - 1, dtype=DTYPES.get(plan.dtype, dtype))
-        stages.append(Stage(model, index, config.kv_budget_bytes))
+    stages = [Stage.load(model_dir, plans, index, config.dtype, config.kv_budget_bytes)
+              for index in tqdm(range(len(plans)), desc="loading stages", unit="stage", disable=not show_progress)]
     if config.simulate:
         return SimulatedTransport(stages, get_profile(config.simulate))
     return LocalTransport(stages, layer_delay)

@@ -9,11 +9,13 @@ committed + its ancestors' chunks + its own tokens, which must be contiguous.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from pipeline.types import CommitKV, FailureCode, FreeSequence, KVOp, Run
+from compute.line_kv import append_at
+from compute.types import FailureCode
+from pipeline.types import CommitKV, FreeSequence, KVOp, Run
 
 
 class KVCacheError(RuntimeError):
@@ -90,8 +92,8 @@ class SequenceKV:
         if any(k is None for k in chunk.keys):
             raise KVCacheError(f"commit of run {run_id}, which was not fully computed")
         for layer in range(self.num_layers):
-            self._keys[layer] = _append(self._keys[layer], self.committed_len, chunk.keys[layer][:, :, :num_tokens])
-            self._values[layer] = _append(self._values[layer], self.committed_len, chunk.values[layer][:, :, :num_tokens])
+            self._keys[layer] = append_at(self._keys[layer], self.committed_len, chunk.keys[layer][:, :, :num_tokens])
+            self._values[layer] = append_at(self._values[layer], self.committed_len, chunk.values[layer][:, :, :num_tokens])
         self.committed_len += num_tokens
 
     def drop(self, run_id: int) -> None:
@@ -100,19 +102,6 @@ class SequenceKV:
     def num_bytes(self) -> int:
         committed = sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
         return committed + sum(c.num_bytes() for c in self.chunks.values())
-
-
-def _append(buffer: torch.Tensor | None, length: int, new: torch.Tensor) -> torch.Tensor:
-    """Write new [1, h, n, d] at [length, length+n) along dim 2, growing by doubling."""
-    needed = length + new.shape[2]
-    if buffer is None or buffer.shape[2] < needed:
-        capacity = max(needed, 2 * (0 if buffer is None else buffer.shape[2]), 16)
-        grown = new.new_empty((*new.shape[:2], capacity, new.shape[3]))
-        if buffer is not None:
-            grown[:, :, :length] = buffer[:, :, :length]
-        buffer = grown
-    buffer[:, :, length:needed] = new
-    return buffer
 
 
 class RunKV:
@@ -201,33 +190,3 @@ class StageKVCache:
 
     def num_chunks(self) -> int:
         return sum(len(s.chunks) for s in self.sequences.values())
-
-
-@dataclass(slots=True)
-class DraftKV:
-    """A draft model's own cache for one sequence: one line, rollback = truncate."""
-
-    num_layers: int
-    length: int = 0
-    keys: list[torch.Tensor | None] = field(default_factory=list)
-    values: list[torch.Tensor | None] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.keys = [None] * self.num_layers
-        self.values = [None] * self.num_layers
-
-    @property
-    def context_len(self) -> int:
-        return self.length
-
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys[layer] = _append(self.keys[layer], self.length, k)
-        self.values[layer] = _append(self.values[layer], self.length, v)
-        end = self.length + k.shape[2]
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def advance(self, num_tokens: int) -> None:
-        self.length += num_tokens
-
-    def truncate(self, length: int) -> None:
-        self.length = min(self.length, length)

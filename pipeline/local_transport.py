@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.stage import Stage, failed_result
+from pipeline.stage import Stage, stage_failure
 from pipeline.trace import StageSpan
-from pipeline.transport import ResultSink
+from pipeline.transport import ResultSink, Transport
 from pipeline.types import KVOp, Run, RunResult
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ LayerDelay = Callable[[int, int], float]
 _STOP = object()
 
 
-class LocalTransport:
+class LocalTransport(Transport):
     def __init__(self, stages: list[Stage], layer_delay: LayerDelay | None = None) -> None:
         self.stages = stages
         self.num_stages = len(stages)
@@ -89,7 +89,7 @@ class LocalTransport:
             out = stage.process(run, hidden, before_layer)
         except Exception as exc:  # a failing stage fails the run's request, not the server
             log.exception("stage %d failed on run %d", stage.stage_index, run.run_id)
-            out = failed_result(run.run_id, run.seq_id, stage.stage_index, exc)
+            out = stage_failure(run, stage.stage_index, exc)
         if out is None:
             return
         if isinstance(out, RunResult):
@@ -102,7 +102,7 @@ class LocalTransport:
             stage.apply(op)
         except Exception as exc:
             log.exception("stage %d failed on %r", stage.stage_index, op)
-            self._on_result(failed_result(-1, op.seq_id, stage.stage_index, exc))
+            self._on_result(stage_failure(op, stage.stage_index, exc))
         if outbox is not None:
             outbox.put((op, None))
 

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from pipeline.stage import Stage, failed_result
-from pipeline.stage_model import StageModel
-from pipeline.transport import ResultSink
+from pipeline.partition import StagePlan
+from pipeline.stage import Stage, stage_failure
+from pipeline.transport import ResultSink, Transport
 from pipeline.types import KVOp, Run, RunResult
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def abort_all_ranks(code: int) -> None:
     _comm().Abort(code)
 
 
-class MPITransport:
+class MPITransport(Transport):
     """The coordinator's side (rank 0)."""
 
     def __init__(self, num_stages: int) -> None:
@@ -143,23 +143,18 @@ class MPITransport:
                 return
 
 
-def run_stage_worker(model_dir: str, layer_ranges: list[tuple[int, int]], dtype: torch.dtype,
+def run_stage_worker(model_dir: str, plans: tuple[StagePlan, ...], dtype: str,
                      kv_budget_bytes: int | None = None) -> None:
     """Ranks 1..N: serve one stage until rank 0 says stop."""
-    _StageWorker(model_dir, layer_ranges, dtype, kv_budget_bytes).serve()
+    _StageWorker(model_dir, plans, dtype, kv_budget_bytes).serve()
 
 
 class _StageWorker:
-    def __init__(self, model_dir: str, layer_ranges: list[tuple[int, int]], dtype: torch.dtype,
-                 kv_budget_bytes: int | None) -> None:
+    def __init__(self, model_dir: str, plans: tuple[StagePlan, ...], dtype: str, kv_budget_bytes: int | None) -> None:
         self.comm = _comm()
         self.rank, size = self.comm.Get_rank(), self.comm.Get_size()
-        index, num_stages = self.rank - 1, size - 1
-        start, end = layer_ranges[index]
         torch.set_grad_enabled(False)
-        model = StageModel.load(model_dir, start, end, with_embed=index == 0, with_head=index == num_stages - 1,
-                                dtype=dtype)
-        self.stage = Stage(model, index, kv_budget_bytes)
+        self.stage = Stage.load(model_dir, plans, self.rank - 1, dtype, kv_budget_bytes)
         self.next_rank = self.rank + 1 if self.rank + 1 < size else None
         self._sends: list = []
         self._beat_at = 0.0
@@ -202,7 +197,7 @@ class _StageWorker:
             out = self.stage.process(run, hidden, before_layer=lambda layer: self.between_layers())
         except Exception as exc:
             log.exception("stage %d failed on run %d", self.stage.stage_index, run.run_id)
-            out = failed_result(run.run_id, run.seq_id, self.stage.stage_index, exc)
+            out = stage_failure(run, self.stage.stage_index, exc)
         if isinstance(out, RunResult):
             self._send(("result", out), dest=0, tag=TAG_RESULT)
         elif out is not None:
@@ -212,7 +207,7 @@ class _StageWorker:
         try:
             self.stage.apply(op)
         except Exception as exc:
-            self._send(("result", failed_result(-1, op.seq_id, self.stage.stage_index, exc)),
+            self._send(("result", stage_failure(op, self.stage.stage_index, exc)),
                        dest=0, tag=TAG_RESULT)
         if self.next_rank is not None:
             self._send((op, None), dest=self.next_rank, tag=TAG_WORK)

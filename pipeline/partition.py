@@ -16,20 +16,16 @@ class StagePlan:
     dtype: str | None = None  # None: the engine's dtype
 
 
-def even_split(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
-    """[start, end) per stage, sizes differing by at most one (earlier stages larger)."""
+def even_plans(num_layers: int, num_stages: int) -> tuple[StagePlan, ...]:
+    """Contiguous ranges whose sizes differ by at most one (earlier stages larger)."""
     if num_stages < 1:
         raise ValueError(f"need at least one stage, got {num_stages}")
     if num_stages > num_layers:
         raise ValueError(f"cannot split {num_layers} layers over {num_stages} stages")
     base, extra = divmod(num_layers, num_stages)
-    ranges, start = [], 0
+    plans, start = [], 0
     for stage in range(num_stages):
         end = start + base + (1 if stage < extra else 0)
-        ranges.append((start, end))
+        plans.append(StagePlan(start, end))
         start = end
-    return ranges
-
-
-def even_plans(num_layers: int, num_stages: int) -> tuple[StagePlan, ...]:
-    return tuple(StagePlan(start, end) for start, end in even_split(num_layers, num_stages))
+    return tuple(plans)

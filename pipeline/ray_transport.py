@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 
 import ray
 import torch
@@ -22,13 +23,13 @@ from ray.exceptions import RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from compute.types import Failure, FailureCode
 from pipeline.partition import StagePlan
 from pipeline.ray_cluster import RayCluster
-from pipeline.stage import Stage, failed_result
-from pipeline.stage_model import DTYPES, StageModel
+from pipeline.stage import Stage, failed, stage_failure
 from pipeline.trace import StageSpan
-from pipeline.transport import ResultSink
-from pipeline.types import Failure, FailureCode, KVOp, Run, RunResult
+from pipeline.transport import ResultSink, Transport
+from pipeline.types import KVOp, PipelineFailed, Run, RunResult, SequenceFailed
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,10 @@ PLACEMENT_TIMEOUT_S = 120
 
 @ray.remote(concurrency_groups={"control": 1, "compute": 1})
 class StageActor:
-    def __init__(self, model_dir: str, plan: StagePlan, stage_index: int, num_stages: int, dtype: torch.dtype,
+    def __init__(self, model_dir: str, plans: tuple[StagePlan, ...], index: int, dtype: str,
                  kv_budget_bytes: int | None, layer_delay_s: float) -> None:
         torch.set_grad_enabled(False)
-        model = StageModel.load(model_dir, plan.layer_start, plan.layer_end,
-                                with_embed=stage_index == 0, with_head=stage_index == num_stages - 1, dtype=dtype)
-        self.stage = Stage(model, stage_index, kv_budget_bytes)
+        self.stage = Stage.load(model_dir, plans, index, dtype, kv_budget_bytes)
         self._before_layer = (lambda layer: time.sleep(layer_delay_s)) if layer_delay_s else None
 
     @ray.method(concurrency_group="compute")
@@ -56,15 +55,15 @@ class StageActor:
             return self.stage.process(run, hidden, self._before_layer)
         except Exception as exc:
             log.exception("stage %d failed on run %d", self.stage.stage_index, run.run_id)
-            return failed_result(run.run_id, run.seq_id, self.stage.stage_index, exc)
+            return stage_failure(run, self.stage.stage_index, exc)
 
     @ray.method(concurrency_group="compute")
-    def apply(self, op: KVOp) -> RunResult | None:
+    def apply(self, op: KVOp) -> SequenceFailed | None:
         try:
             self.stage.apply(op)
             return None
         except Exception as exc:
-            return failed_result(-1, op.seq_id, self.stage.stage_index, exc)
+            return stage_failure(op, self.stage.stage_index, exc)
 
     @ray.method(concurrency_group="control")
     def cancel(self, seq_id: int, run_ids: list[int]) -> None:
@@ -83,11 +82,11 @@ class StageActor:
         return self.stage.spans.drain()
 
 
-class RayTransport:
+class RayTransport(Transport):
     """layer_delay_s sleeps before every layer: a slower machine, for tests.
     A `cluster` given is stopped by close() (the private Ray it started)."""
 
-    def __init__(self, model_dir: str, plans: list[StagePlan], dtype: torch.dtype = torch.float32,
+    def __init__(self, model_dir: str, plans: Sequence[StagePlan], dtype: str = "float32",
                  strategy: str = "PACK", kv_budget_bytes: int | None = None, layer_delay_s: float = 0.0,
                  max_restarts: int = -1, cluster: RayCluster | None = None) -> None:
         if not ray.is_initialized():
@@ -106,12 +105,11 @@ class RayTransport:
             StageActor.options(
                 num_cpus=p.num_cpus, resources=p.resources, max_restarts=max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
-            ).remote(model_dir, p, i, len(plans), DTYPES.get(p.dtype, dtype), kv_budget_bytes, layer_delay_s)
+            ).remote(model_dir, tuple(plans), i, dtype, kv_budget_bytes, layer_delay_s)
             for i, p in enumerate(plans)
         ]
         ray.get([a.stats.remote() for a in self.actors], timeout=600)  # loaded and ready
-        # final ref -> (run_id, seq_id, submitted_at); run_id -1 for KV ops
-        self._pending: dict[ray.ObjectRef, tuple[int, int, float]] = {}
+        self._pending: dict[ray.ObjectRef, tuple[Run | KVOp, float]] = {}  # final ref -> (work, sent at)
         self._last_failure_at = float("-inf")
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -127,11 +125,11 @@ class RayTransport:
         hidden = None
         for actor in self.actors:
             hidden = actor.process.remote(run, hidden)  # a ref: the tensor moves actor to actor
-        self._track(hidden, run.run_id, run.seq_id)
+        self._track(hidden, run)
 
     def send_kv_op(self, op: KVOp) -> None:
         for actor in self.actors:
-            self._track(actor.apply.remote(op), -1, op.seq_id)
+            self._track(actor.apply.remote(op), op)
 
     def cancel(self, seq_id: int, run_ids: list[int]) -> None:
         for actor in self.actors:
@@ -166,9 +164,9 @@ class RayTransport:
         if self.cluster is not None:
             self.cluster.stop()
 
-    def _track(self, ref: ray.ObjectRef, run_id: int, seq_id: int) -> None:
+    def _track(self, ref: ray.ObjectRef, item: Run | KVOp) -> None:
         with self._lock:
-            self._pending[ref] = (run_id, seq_id, time.monotonic())
+            self._pending[ref] = (item, time.monotonic())
         self._wakeup.set()
 
     def _wait_for_results(self) -> None:
@@ -182,10 +180,10 @@ class RayTransport:
             ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
             for ref in ready:
                 with self._lock:
-                    run_id, seq_id, submitted_at = self._pending.pop(ref)
-                self._deliver(ref, run_id, seq_id, submitted_at)
+                    item, submitted_at = self._pending.pop(ref)
+                self._deliver(ref, item, submitted_at)
 
-    def _deliver(self, ref: ray.ObjectRef, run_id: int, seq_id: int, submitted_at: float) -> None:
+    def _deliver(self, ref: ray.ObjectRef, item: Run | KVOp, submitted_at: float) -> None:
         try:
             value = ray.get(ref)
         except RayActorError as exc:
@@ -193,11 +191,11 @@ class RayTransport:
             # (later errors from work sent before this failure are covered).
             if submitted_at > self._last_failure_at:
                 self._last_failure_at = time.monotonic()
-                self._on_result(RunResult(-1, -1, failure=Failure(
+                self._on_result(PipelineFailed(Failure(
                     FailureCode.STAGE_DOWN,
                     f"a stage process died ({type(exc).__name__}); its requests failed and it is being restarted")))
             return
         except RayError as exc:
-            value = RunResult(run_id, seq_id, failure=Failure.of(exc, FailureCode.STAGE_ERROR))
-        if isinstance(value, RunResult):  # a run's result, or a failed KV op
+            value = failed(item, Failure.of(exc, FailureCode.STAGE_ERROR))
+        if value is not None:  # a run's result, or a failed KV op
             self._on_result(value)

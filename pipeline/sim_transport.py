@@ -19,18 +19,15 @@ import logging
 import math
 import threading
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from draft_models.base import DraftModel, DraftProposal, NoDraft
-from draft_models.ngram import NGramDraft
 from pipeline.sim_profiles import ClusterProfile
-from pipeline.stage import Stage, failed_result, result_bytes
+from pipeline.stage import Stage, result_bytes, stage_failure
 from pipeline.trace import SpanRecorder, StageSpan
-from pipeline.transport import ResultSink
-from pipeline.types import KVOp, Run, RunResult, SamplingParams
+from pipeline.transport import ResultSink, Transport
+from pipeline.types import KVOp, Run, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +47,9 @@ class _Busy:
     version: int  # bumped when a cancellation moves end_s: stale "done" events are ignored
 
 
-class SimulatedTransport:
+class SimulatedTransport(Transport):
+    drives_coordinator = True
+
     def __init__(self, stages: list[Stage], profile: ClusterProfile) -> None:
         if len(stages) != profile.num_stages:
             raise ValueError(f"profile {profile.name} has {profile.num_stages} stages, got {len(stages)}")
@@ -74,9 +73,11 @@ class SimulatedTransport:
     def clock(self) -> float:
         return self.cursor
 
-    def charge(self, seconds: float) -> None:
-        """The coordinator is busy (drafting) for this long."""
-        self.cursor += seconds
+    def charge_draft(self, draft, num_tokens: int) -> None:
+        """The coordinator is busy drafting: the profile's time per call and
+        per token, unless the draft computes nothing (n-gram lookup, none)."""
+        if not draft.is_free:
+            self.cursor += self.profile.draft_call_s + num_tokens * self.profile.draft_token_s
 
     def start(self, on_result: ResultSink) -> None:
         self._result_sink = on_result
@@ -203,38 +204,15 @@ class SimulatedTransport:
             return stage.process(run, hidden)
         except Exception as exc:  # fails the run's request, as on a real stage
             log.exception("stage %d failed on run %d", stage.stage_index, run.run_id)
-            return failed_result(run.run_id, run.seq_id, stage.stage_index, exc)
+            return stage_failure(run, stage.stage_index, exc)
 
     def _apply(self, stage: Stage, op: KVOp) -> None:
         try:
             stage.apply(op)
         except Exception as exc:
             log.exception("stage %d failed on %r", stage.stage_index, op)
-            self._result_sink(failed_result(-1, op.seq_id, stage.stage_index, exc))
+            self._result_sink(stage_failure(op, stage.stage_index, exc))
 
     def _record(self, index: int, run: Run, start_s: float, outcome: str, out_bytes: int) -> None:
         self.spans.record(StageSpan(index, run.seq_id, run.run_id, run.is_speculative, len(run.token_ids),
                                     start_s, self.now, outcome, out_bytes))
-
-
-class CostedDraft:
-    """A draft whose guesses cost the profile's draft time in simulated time
-    (n-gram lookups cost nothing)."""
-
-    def __init__(self, draft: DraftModel, transport: SimulatedTransport) -> None:
-        self.draft = draft
-        self.name = draft.name
-        self._transport = transport
-        self._is_free = isinstance(draft, (NoDraft, NGramDraft))
-
-    def propose(self, seq_id: int, token_ids: Sequence[int], max_tokens: int, sampling: SamplingParams,
-                cutoff: float, generator: torch.Generator | None) -> DraftProposal:
-        proposal = self.draft.propose(seq_id, token_ids, max_tokens, sampling, cutoff, generator)
-        if self._is_free:
-            return proposal
-        profile = self._transport.profile
-        self._transport.charge(profile.draft_call_s + len(proposal.token_ids) * profile.draft_token_s)
-        return proposal
-
-    def release(self, seq_id: int) -> None:
-        self.draft.release(seq_id)

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from compute.sampling import sampling_probs, target_tokens
+from compute.stage_model import DTYPES, StageModel
+from compute.types import Failure, FailureCode
 from pipeline.kv_cache import KVCacheError, StageKVCache
-from pipeline.sampling import sampling_probs, target_tokens
-from pipeline.stage_model import StageModel
+from pipeline.partition import StagePlan
 from pipeline.trace import SpanRecorder, StageSpan
-from pipeline.types import Failure, FailureCode, FreeSequence, KVOp, Run, RunResult
+from pipeline.types import FreeSequence, KVOp, Run, RunResult, SequenceFailed
 
 
 @dataclass(slots=True)
@@ -39,6 +42,17 @@ class Stage:
         self._kv_snapshot = (0, 0)  # (bytes, sequences), refreshed by the compute thread
         self._active_at = time.monotonic()  # last progress: a layer, a run, a KV op
         self._last_stopped = False  # the last run processed was stopped between layers
+
+    @classmethod
+    def load(cls, model_dir: str | Path, plans: Sequence[StagePlan], index: int, dtype: str,
+             kv_budget_bytes: int | None = None) -> Stage:
+        """Stage `index` of the pipeline that `plans` split, with only its
+        layers' weights (the first stage also embeds; the last also runs the
+        final norm and the head). dtype: a DTYPES name, unless its plan names one."""
+        plan = plans[index]
+        model = StageModel.load(model_dir, plan.layer_start, plan.layer_end, with_embed=index == 0,
+                                with_head=index == len(plans) - 1, dtype=DTYPES[plan.dtype or dtype])
+        return cls(model, index, kv_budget_bytes)
 
     def stats(self) -> dict:
         """Safe to call from any thread."""
@@ -129,7 +143,7 @@ class Stage:
         try:
             run_kv = self.kv.begin_run(run)
         except KVCacheError as exc:
-            return failed_result(run.run_id, run.seq_id, self.stage_index, exc)
+            return stage_failure(run, self.stage_index, exc)
         if self.is_first:
             hidden = self.model.embed(run.token_ids)
         elif hidden.dtype != self.model.dtype:  # stages may compute in different dtypes
@@ -154,9 +168,17 @@ class Stage:
         return RunResult(run.run_id, run.seq_id, target_probs=sampling_probs(logits, run.sampling))
 
 
-def failed_result(run_id: int, seq_id: int, stage_index: int, exc: BaseException) -> RunResult:
-    """The result a stage sends back when it failed on a run (run_id -1: on a KV op)."""
-    return RunResult(run_id, seq_id, failure=Failure.of(exc, FailureCode.STAGE_ERROR, f"stage {stage_index}"))
+def failed(item: Run | KVOp, failure: Failure) -> RunResult | SequenceFailed:
+    """What goes back when `item` failed: a run's failed result, or, for a
+    KV op, the failure of its whole sequence."""
+    if isinstance(item, Run):
+        return RunResult(item.run_id, item.seq_id, failure=failure)
+    return SequenceFailed(item.seq_id, failure)
+
+
+def stage_failure(item: Run | KVOp, stage_index: int, exc: BaseException) -> RunResult | SequenceFailed:
+    """The one way every transport reports a stage's exception."""
+    return failed(item, Failure.of(exc, FailureCode.STAGE_ERROR, f"stage {stage_index}"))
 
 
 def result_bytes(result: RunResult) -> int:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Protocol
 
 from pipeline.trace import StageSpan
-from pipeline.types import KVOp, Run, RunResult
+from pipeline.types import Delivery, KVOp, Run
 
-ResultSink = Callable[[RunResult], None]
+ResultSink = Callable[[Delivery], None]
 
 
 class Transport(Protocol):
@@ -19,12 +20,26 @@ class Transport(Protocol):
       the same point relative to the runs.
     - cancel() overtakes queued work: a stage skips a cancelled run, or stops
       it between two layers.
-    - Results (and errors, as RunResult.error) go to the sink given to start();
-      a sequence-level error carries run_id -1, and one that loses every
-      sequence's state (a stage process died) seq_id -1 as well.
+    - What comes back goes to the sink given to start(): each run's RunResult
+      (with a `failure` when a stage failed on it), a SequenceFailed when a
+      stage could not apply a sequence's KV op, a PipelineFailed when every
+      sequence's state is lost (a stage process died).
+
+    Transports subclass it for the defaults below: real time, and a
+    coordinator that runs its own loop thread. The simulator overrides them:
+    it owns the clock, steps the coordinator and charges the draft's time.
     """
 
     num_stages: int
+    clock: Callable[[], float] = staticmethod(time.perf_counter)
+    drives_coordinator: bool = False
+
+    def drive(self, coordinator) -> None:
+        """Run the coordinator's loop (only where drives_coordinator is True)."""
+        raise NotImplementedError
+
+    def charge_draft(self, draft, num_tokens: int) -> None:
+        """The draft just guessed num_tokens tokens (their cost is real time here)."""
 
     def start(self, on_result: ResultSink) -> None: ...
 

@@ -1,5 +1,11 @@
 """Acceptance rules, as pure functions.
 
+A run's output i predicts the position after its input i; the draft's guess
+for that position is guesses[i] (None: there is none, the bonus position at
+the end of the chain). Verification walks the outputs in order, each giving
+one verified token, and stops at the first that refutes its guess: that
+token replaces the guess and everything built on the guess is invalid.
+
 Greedy and seeded requests: the target's token at each position is fixed
 (argmax, or argmax(log p + g) with shared noise); a draft token is accepted
 when it equals it. Unseeded sampling uses standard speculative sampling:
@@ -13,7 +19,41 @@ Either way the output follows p, the target's distribution.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    token_ids: list[int]  # verified, in order: the accepted guesses, then the target's own token (if any)
+    num_accepted: int  # the accepted guesses: token_ids[:num_accepted]
+    is_rejected: bool  # the last token refuted its guess: the chain breaks after it
+
+
+def verify(
+    guesses: Sequence[int | None],
+    draft_probs: Sequence[torch.Tensor | None],
+    target_token_ids: Sequence[int] | None,
+    target_probs: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> Verdict:
+    """guesses [n], draft_probs [n] (q per guess, None = a deterministic
+    guess); the target's tokens [n] (greedy, seeded) or its probs [n, vocab]
+    (unseeded sampling, drawing from `generator`)."""
+    token_ids: list[int] = []
+    for i, guess in enumerate(guesses):
+        if target_token_ids is not None:
+            token = target_token_ids[i]
+        else:
+            token = speculative_sample(target_probs[i], guess, draft_probs[i], generator)
+        token_ids.append(token)
+        if guess is None:  # the bonus position: nothing to check
+            return Verdict(token_ids, i, is_rejected=False)
+        if token != guess:
+            return Verdict(token_ids, i, is_rejected=True)
+    return Verdict(token_ids, len(token_ids), is_rejected=False)  # every guess agreed
 
 
 def speculative_sample(

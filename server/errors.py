@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.types import Failure, FailureCode
+from compute.types import Failure, FailureCode, RequestError
 from server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -127,6 +127,11 @@ def install_error_handlers(app: FastAPI, on_rejected: Callable[[int], None]) -> 
         if exc.is_rejection:
             on_rejected(exc.status)
         return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        on_rejected(400)
+        return error_response(400, str(exc), exc.param, exc.code or FailureCode.BAD_REQUEST.value)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

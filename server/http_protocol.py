@@ -10,7 +10,6 @@ size (a 100 MB header was parsed, then answered 200, stalling the server).
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from http import HTTPStatus
 
 from uvicorn.protocols.http.h11_impl import H11Protocol

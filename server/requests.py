@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compute.types import GenerationRequest, SamplingParams, check_context
 from pipeline.engine import Engine
-from pipeline.types import GenerationRequest, SamplingParams
 from server.errors import APIError
-from server.protocol import NEUTRAL_VALUES, ChatCompletionRequest, CompletionRequest, is_valid_unicode
+from server.protocol import (
+    NEUTRAL_VALUES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    is_valid_unicode,
+)
 
 MAX_STOP_STRINGS = 4
 
@@ -57,13 +62,7 @@ def prepare_chat(body: ChatCompletionRequest, engine: Engine) -> PreparedRequest
 
 
 def _prepare(body, engine: Engine, prompt_ids: list[int], max_tokens: int, max_param: str) -> PreparedRequest:
-    if len(prompt_ids) + max_tokens > engine.max_context:
-        raise APIError(
-            400,
-            f"this model's context is {engine.max_context} tokens; the prompt has {len(prompt_ids)} tokens and "
-            f"{max_param} asks for {max_tokens} ({len(prompt_ids) + max_tokens} in all)",
-            param=max_param, code="context_length_exceeded",
-        )
+    check_context(len(prompt_ids), max_tokens, engine.max_context, max_param)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP_STRINGS:
         raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}", param="stop")

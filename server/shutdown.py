@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pipeline.types import Failure, FailureCode
+from compute.types import Failure, FailureCode
 from server.engine_host import EngineHost
 from server.limits import SHUTTING_DOWN, Admission
 

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import transformers  # noqa: E402
 
-from pipeline.model_source import resolve_model  # noqa: E402
+from compute.model_source import resolve_model  # noqa: E402
 from tests.helpers import make_tiny_model, make_tiny_model_with_tokenizer  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()

@@ -18,15 +18,33 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import torch
+from scipy.stats import chisquare
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from compute.model_source import load_config
+from draft_models import DraftModel
+from pipeline.coordinator import STALL_TIMEOUT_S
 from pipeline.engine import Engine, EngineConfig
+from pipeline.local_transport import LocalTransport
+from pipeline.partition import even_plans
 from pipeline.speculation import SpeculationConfig
+from pipeline.stage import Stage
 from pipeline.types import Mode
 
 TINY_VOCAB = 96
+P_VALUE_FLOOR = 1e-3  # fixed seeds: deterministic; a broken rule fails by many orders of magnitude
+P = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.07, 0.03])  # a target distribution
+Q = torch.tensor([0.05, 0.10, 0.50, 0.05, 0.20, 0.10])  # a draft that disagrees a lot
+
+
+def assert_follows(counts: np.ndarray, p: torch.Tensor) -> None:
+    """A chi-square test that counts were drawn from p."""
+    p = p.double().numpy()
+    expected = p / p.sum() * counts.sum()
+    assert chisquare(counts, expected).pvalue > P_VALUE_FLOOR, (counts, expected)
 
 
 def make_tiny_model(
@@ -90,11 +108,17 @@ def _load_reference(model_dir: Path):
     return _REFERENCES[model_dir]
 
 
-def load_engine(model: Path | str, draft: str = "none", stages: int = 1, mode: Mode | str = Mode.PIPEINFER,
-                layer_delay=None, **speculation) -> Engine:
+def load_engine(model: Path | str, draft: str | DraftModel = "none", stages: int = 1,
+                mode: Mode | str = Mode.PIPEINFER, layer_delay=None, stall_timeout_s: float = STALL_TIMEOUT_S,
+                **speculation) -> Engine:
+    """An engine on local stages; a draft given as an object is assembled in by hand."""
     spec = SpeculationConfig(mode=Mode(mode), **speculation)
+    if not isinstance(draft, (str, Path)):
+        plans = even_plans(load_config(model).num_hidden_layers, stages)
+        transport = LocalTransport([Stage.load(model, plans, i, "float32") for i in range(stages)], layer_delay)
+        return Engine(Path(model), transport, draft, spec, stall_timeout_s=stall_timeout_s)
     config = EngineConfig(model=str(model), draft=str(draft), num_stages=stages, speculation=spec)
-    return Engine.load(config, layer_delay=layer_delay, show_progress=False)
+    return Engine.load(config, layer_delay=layer_delay, show_progress=False, stall_timeout_s=stall_timeout_s)
 
 
 def make_tiny_model_with_tokenizer(out_dir: Path, seed: int, tokenizer_from: Path, **kwargs) -> Path:

@@ -15,7 +15,13 @@ import psutil
 import pytest
 from transformers import AutoTokenizer
 
-from tests.helpers import ServerProcess, assert_gone, greedy_reference, listening_addresses, process_tree
+from tests.helpers import (
+    ServerProcess,
+    assert_gone,
+    greedy_reference,
+    listening_addresses,
+    process_tree,
+)
 
 pytestmark = pytest.mark.integration
 

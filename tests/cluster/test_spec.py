@@ -11,7 +11,7 @@ from cluster.spec import SpecError, load_spec
 from cluster.up import engine_config, plan
 from draft_models import DraftSpecError
 from draft_models.spec import DRAFT_KINDS
-from tests.pipeline.test_stage_model import full_model_bytes
+from tests.compute.test_stage_model import full_model_bytes
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from compute.types import SamplingParams
 from draft_models import DraftSpecError, load_draft
 from draft_models.base import NoDraft
 from draft_models.model_draft import ModelDraft
 from draft_models.ngram import NGramDraft
-from pipeline.types import SamplingParams
 from tests.helpers import greedy_reference, make_tiny_model
 
 GREEDY = SamplingParams()

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from compute.types import GenerationRequest, SamplingParams
+from compute.vllm_host import INSTALL_HINT, VLLMError, vllm_available
 from draft_models import DraftSpecError, load_draft
-from draft_models.vllm_draft import INSTALL_HINT, VLLMDraft, VLLMError, close_shared_hosts, vllm_available
-from pipeline.types import GenerationRequest, Mode, SamplingParams
+from draft_models.vllm_draft import VLLMDraft, close_shared_hosts
+from pipeline.types import Mode
 from tests.helpers import greedy_reference, load_engine, make_tiny_model
 
 # Skipped (not failed) without the extra. find_spec rather than importorskip:
@@ -141,9 +143,9 @@ def test_bad_vllm_drafts_are_explained(vllm_tiny, tmp_path):
 
 
 def test_without_vllm_the_error_names_the_extra(tiny_target, monkeypatch):
-    import draft_models.vllm_draft as vllm_draft
+    import compute.vllm_host as vllm_host
 
-    monkeypatch.setattr(vllm_draft, "vllm_available", lambda: False)
+    monkeypatch.setattr(vllm_host, "vllm_available", lambda: False)
     with pytest.raises(DraftSpecError, match=r"install the extra pipeinfer\[vllm\]"):
         load_draft("vllm:target", tiny_target)
     with pytest.raises(VLLMError, match=r"pipeinfer\[vllm\]"):

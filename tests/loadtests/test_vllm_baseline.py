@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from draft_models.vllm_draft import INSTALL_HINT, vllm_available
+from compute.vllm_host import INSTALL_HINT, vllm_available
 from loadtests.vllm_baseline import VLLMBaseline, VLLMBaselineError, speculative_config
 from tests.helpers import greedy_reference, make_tiny_model
 

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
+from compute.stage_model import StageModel
+from compute.types import GenerationRequest, SamplingParams
 from pipeline.stage import Stage
-from pipeline.stage_model import StageModel
-from pipeline.types import GenerationRequest, Run, SamplingParams
+from pipeline.types import Run
 from tests.helpers import greedy_reference, load_engine
 
 

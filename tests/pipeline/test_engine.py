@@ -8,8 +8,9 @@ import time
 import pytest
 import torch
 
+from compute.types import FailureCode, GenerationRequest
 from pipeline.engine import GenerationError
-from pipeline.types import FailureCode, FinishEvent, GenerationRequest, TokenEvent
+from pipeline.types import FinishEvent, TokenEvent
 from tests.helpers import greedy_reference, load_engine
 
 
@@ -73,7 +74,7 @@ def test_a_failing_stage_fails_only_its_request(tiny_target):
 
 def test_prompt_that_does_not_fit_the_context_is_refused(tiny_target):
     with load_engine(tiny_target) as engine:
-        with pytest.raises(ValueError, match=r"prompt \(500 tokens\) plus max_tokens \(100\) exceeds .* 512 tokens"):
+        with pytest.raises(ValueError, match=r"context is 512 tokens; the prompt has 500 tokens and max_tokens asks for 100"):
             list(engine.generate(GenerationRequest(tuple([3] * 500), 100)))
 
 
@@ -91,7 +92,7 @@ def test_a_dead_stage_thread_fails_requests_instead_of_hanging(tiny_target):
     with load_engine(tiny_target, "none", 2, "ar", layer_delay=lambda stage, layer: 0.01) as engine:
         stream = engine.generate(GenerationRequest((5, 6), 300))
         next(stream)
-        engine.coordinator.transport._inboxes[1].put(_stop_sentinel())  # stage 1's thread exits
+        engine.transport._inboxes[1].put(_stop_sentinel())  # stage 1's thread exits
         started = time.monotonic()
         events = list(stream)
         assert events[-1].finish_reason == "error" and events[-1].failure.code is FailureCode.STAGE_DOWN
@@ -134,8 +135,8 @@ def test_stages_may_compute_in_different_dtypes(tiny_target):
 def test_waiting_behind_other_work_is_not_stalling(tiny_target):
     """Each result takes longer than the stall timeout (slow layers, a
     second request in the way), but the stages keep progressing."""
-    with load_engine(tiny_target, "none", 2, "ar", layer_delay=lambda stage, layer: 0.25) as engine:
-        engine.coordinator.stall_timeout_s = 0.8
+    with load_engine(tiny_target, "none", 2, "ar", layer_delay=lambda stage, layer: 0.25,
+                     stall_timeout_s=0.8) as engine:
         outputs = {}
         threads = [threading.Thread(target=lambda p=p: outputs.__setitem__(p, engine.complete(
             GenerationRequest(p, 4)).token_ids)) for p in ((5, 6), (7, 8, 9))]
@@ -156,8 +157,7 @@ def test_a_stuck_stage_stalls_its_requests(tiny_target):
             release.wait(30)  # a stage that stops making progress mid-forward
         return 0.0
 
-    with load_engine(tiny_target, "none", 2, "ar", layer_delay=stuck) as engine:
-        engine.coordinator.stall_timeout_s = 1.0
+    with load_engine(tiny_target, "none", 2, "ar", layer_delay=stuck, stall_timeout_s=1.0) as engine:
         started = time.monotonic()
         with pytest.raises(GenerationError, match="no stage made progress for 1 s") as failed:
             engine.complete(GenerationRequest((5, 6), 4))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compute.types import SamplingParams
 from pipeline.kv_cache import KVBudgetExceeded, KVCacheError, StageKVCache
-from pipeline.types import CommitKV, FreeSequence, Run, SamplingParams
+from pipeline.types import CommitKV, FreeSequence, Run
 
 
 def make_run(run_id, start, n, parent=None, seq_id=0):

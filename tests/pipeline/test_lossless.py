@@ -1,17 +1,30 @@
 """Lossless: at temperature 0 the output equals greedy decoding of the target
 alone (transformers' generate), for every mode, draft, stage count and
-max_tokens, including across run boundaries and under random stage delays."""
+max_tokens, including across run boundaries and under random stage delays;
+unseeded sampling follows the target's distribution, and a seeded request
+gives the same text in every mode, draft and timing."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
 
-from pipeline.types import GenerationRequest, Mode
-from tests.helpers import TINY_VOCAB, greedy_reference, load_engine
+from compute.sampling import coupled_token, sampling_probs
+from compute.types import GenerationRequest, SamplingParams
+from pipeline.types import Mode
+from tests.helpers import (
+    TINY_VOCAB,
+    assert_follows,
+    greedy_reference,
+    load_engine,
+    make_tiny_model,
+)
 
 MODES = [m.value for m in Mode]
 REFERENCE_LEN = 24
@@ -111,3 +124,57 @@ def test_default_model_equals_target_greedy(default_model, mode):
                 ids = tokenizer.encode(prompt)
                 out = engine.complete(GenerationRequest(tuple(ids), 20))
                 assert out.token_ids == reference(default_model, ids, 20), (draft, stages, prompt)
+
+
+# ---- sampling: the target's distribution, and seeded text identical everywhere ----
+
+@pytest.fixture(scope="module")
+def tiny_vocab_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("v8") / "m", seed=11, vocab_size=8, num_layers=2,
+                           hidden_size=32, init_range=0.15)
+
+
+@pytest.mark.parametrize("mode", ["sync", "pipeinfer"])
+def test_engine_sampling_follows_the_target_distribution(tiny_vocab_model, tmp_path_factory, mode):
+    """Unseeded sampling end to end (rule a): the token after a speculated one
+    follows the target's conditional distribution."""
+    draft = make_tiny_model(tmp_path_factory.mktemp("d8") / "d", seed=12, vocab_size=8, num_layers=1,
+                            hidden_size=32, init_range=0.6)
+    prompt = [2, 5, 3]
+    params = SamplingParams(temperature=1.0)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_vocab_model, dtype=torch.float32)
+    with torch.no_grad():
+        p_first = sampling_probs(reference(torch.tensor([prompt])).logits[0, -1], params)
+    counts = np.zeros(8)
+    with load_engine(tiny_vocab_model, str(draft), 2, mode, confidence_cutoff=0.0, draft_len=3) as engine:
+        for _ in range(1500):
+            out = engine.complete(GenerationRequest(tuple(prompt), 2, params))
+            counts[out.token_ids[0]] += 1
+        assert out.stats.num_draft_tokens > 0
+    assert_follows(counts, p_first)
+
+
+def coupled_reference(model_dir, prompt, max_tokens, params) -> list[int]:
+    """Non-speculative seeded sampling of the target alone, with transformers' forward."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            probs = sampling_probs(model(torch.tensor([ids])).logits[0, -1], params)
+            ids.append(coupled_token(probs, params.seed, len(ids)))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_seeded_sampling_is_identical_in_every_mode_draft_and_timing(tiny_target, unrelated_draft, seed):
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=seed)
+    prompt = [9, 8, 7, 9, 8]
+    expected = coupled_reference(tiny_target, prompt, 16, params)
+    rng = random.Random(seed)
+    for mode in Mode:
+        for draft in ("none", "ngram", "layers:2", str(unrelated_draft), str(tiny_target)):
+            stages = rng.randint(1, 4)
+            delay = lambda stage, layer: rng.random() * 0.002  # noqa: E731
+            with load_engine(tiny_target, draft, stages, mode, layer_delay=delay, confidence_cutoff=0.0) as engine:
+                out = engine.complete(GenerationRequest(tuple(prompt), 16, params))
+            assert out.token_ids == expected, (mode, draft, stages)

@@ -12,16 +12,16 @@ import time
 import pytest
 import ray
 
-from pipeline.coordinator import Coordinator
-from pipeline.engine import Engine, EngineConfig, GenerationError
+from compute.types import GenerationRequest
+from draft_models import load_draft
+from pipeline.engine import Engine, GenerationError
 from pipeline.partition import even_plans
 from pipeline.ray_cluster import RayCluster
 from pipeline.ray_transport import RayTransport
 from pipeline.speculation import SpeculationConfig
-from pipeline.types import GenerationRequest, Mode
-from draft_models import load_draft
+from pipeline.types import Mode
+from tests.compute.test_stage_model import full_model_bytes
 from tests.helpers import greedy_reference
-from tests.pipeline.test_stage_model import full_model_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -35,11 +35,8 @@ def local_ray():
 
 def ray_engine(model_dir, draft, stages, mode, layer_delay_s=0.0, **speculation):
     """An Engine over a RayTransport (optionally with slow layers)."""
-    transport = RayTransport(str(model_dir), list(even_plans(4, stages)), layer_delay_s=layer_delay_s)
-    spec = SpeculationConfig(mode=Mode(mode), **speculation)
-    coordinator = Coordinator(transport, load_draft(draft, model_dir), spec, max_context=512)
-    return Engine(EngineConfig(model=str(model_dir), draft=draft, num_stages=stages, transport="ray",
-                               speculation=spec), model_dir, coordinator)
+    transport = RayTransport(str(model_dir), even_plans(4, stages), layer_delay_s=layer_delay_s)
+    return Engine(model_dir, transport, load_draft(draft, model_dir), SpeculationConfig(mode=Mode(mode), **speculation))
 
 
 @pytest.mark.parametrize("stages", [2, 3])
@@ -143,6 +140,6 @@ def test_health_is_503_not_500_when_a_stage_actor_is_gone(tiny_text_model):
                 return await http.get("/health")
 
         assert asyncio.run(health()).status_code == 200
-        ray.kill(engine.coordinator.transport.actors[1], no_restart=True)
+        ray.kill(engine.transport.actors[1], no_restart=True)
         response = asyncio.run(health())
         assert response.status_code == 503 and response.json()["status"] == "unhealthy"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from compute.types import GenerationRequest
 from pipeline.engine import Engine, EngineConfig
 from pipeline.sim_profiles import PROFILES, get_profile
 from pipeline.speculation import SpeculationConfig
-from pipeline.types import GenerationRequest, Mode
+from pipeline.types import Mode
 from tests.helpers import greedy_reference, make_tiny_model
 
 PROMPT = [5, 17, 33, 5, 17, 33, 5, 17]

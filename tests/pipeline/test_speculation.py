@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from compute.types import GenerationRequest
 from draft_models.base import DraftProposal
 from pipeline.speculation import AdaptiveCutoff, SpeculationConfig
-from pipeline.types import GenerationRequest
 from tests.helpers import load_engine
 
 
@@ -36,6 +36,7 @@ class CutoffRecordingDraft:
     """Never guesses; records the cutoff of every call."""
 
     name = "recording"
+    is_free = True
 
     def __init__(self) -> None:
         self.cutoffs: list[float] = []
@@ -52,7 +53,6 @@ def test_cutoff_scales_with_how_full_the_pipeline_is(tiny_target):
     """With only the canonical run in flight (1 of 4), a guess needs a quarter
     of the confidence it needs in a full pipeline: idle stages make it cheap."""
     draft = CutoffRecordingDraft()
-    with load_engine(tiny_target, mode="pipeinfer", confidence_cutoff=0.4, max_runs_in_flight=4) as engine:
-        engine.coordinator.draft = draft
+    with load_engine(tiny_target, draft, mode="pipeinfer", confidence_cutoff=0.4, max_runs_in_flight=4) as engine:
         engine.complete(GenerationRequest((5, 6, 7), 3))
     assert draft.cutoffs and draft.cutoffs[0] == pytest.approx(0.4 * 1 / 4)

@@ -48,7 +48,7 @@ async def test_503_when_a_stage_is_down(tiny_text_model):
     app = create_app(EngineHost.ready(engine), ServerSettings(served_model_name="tiny"))
     async with client(app) as http:
         assert (await http.post("/v1/completions", json=BODY)).status_code == 200
-        engine.coordinator.transport.close()  # every stage thread stops
+        engine.transport.close()  # every stage thread stops
         health = await http.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "unhealthy"
         response = await http.post("/v1/completions", json=BODY)

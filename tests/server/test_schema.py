@@ -10,7 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from pipeline.model_source import resolve_model
+from compute.model_source import resolve_model
 from server.app import ServerSettings, create_app
 from server.engine_host import EngineHost
 from tests.helpers import load_engine, make_tiny_model_with_tokenizer

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import ServerProcess, process_tree, assert_gone
+from tests.helpers import ServerProcess, assert_gone, process_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the real default model: streams that take a while
 

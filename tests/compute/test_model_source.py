@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from pipeline.model_source import ModelSourceError, default_model_gguf, resolve_model
+from compute.model_source import ModelSourceError, default_model_gguf, resolve_model
 
 
 @pytest.mark.slow
 def test_default_model_is_converted_once_with_progress_then_reused(tmp_path):
     env = {**os.environ, "PIPEINFER_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    code = "from pipeline.model_source import resolve_model; print(resolve_model('default'))"
+    code = "from compute.model_source import resolve_model; print(resolve_model('default'))"
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr
     model_dir = first.stdout.strip()

@@ -8,7 +8,7 @@ import hashlib
 
 import torch
 
-from pipeline.types import RequestError, SamplingParams
+from compute.types import RequestError, SamplingParams
 
 
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -20,8 +20,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from pipeline.model_source import check_supported, load_config
-
+from compute.model_source import check_supported, load_config
 
 # Compute dtypes by name (CLI, YAML, per-stage plans).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

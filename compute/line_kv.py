@@ -1,0 +1,51 @@
+"""KV of one sequence on one line of positions, for a model that runs whole
+(a draft): rollback is a truncation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def append_at(buffer: torch.Tensor | None, length: int, new: torch.Tensor) -> torch.Tensor:
+    """Write new [1, h, n, d] at [length, length+n) along dim 2, growing by doubling."""
+    needed = length + new.shape[2]
+    if buffer is None or buffer.shape[2] < needed:
+        capacity = max(needed, 2 * (0 if buffer is None else buffer.shape[2]), 16)
+        grown = new.new_empty((*new.shape[:2], capacity, new.shape[3]))
+        if buffer is not None:
+            grown[:, :, :length] = buffer[:, :, :length]
+        buffer = grown
+    buffer[:, :, length:needed] = new
+    return buffer
+
+
+@dataclass(slots=True)
+class DraftKV:
+    """A draft model's own cache for one sequence: one line, rollback = truncate."""
+
+    num_layers: int
+    length: int = 0
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+
+    @property
+    def context_len(self) -> int:
+        return self.length
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer] = append_at(self.keys[layer], self.length, k)
+        self.values[layer] = append_at(self.values[layer], self.length, v)
+        end = self.length + k.shape[2]
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
