@@ -16,7 +16,8 @@ from cluster.spec import SpecError
 from compute.model_source import ModelSourceError
 from compute.stage_model import DTYPES
 from compute.types import SamplingParams
-from draft_models import DRAFT_HELP, DraftSpecError
+from draft_models import DRAFT_HELP, DraftSpecError, parse_draft
+from loadtests import pair
 from loadtests.bench import BenchConfig
 from pipeline.engine import TRANSPORTS, Engine, EngineConfig, GenerationError
 from pipeline.sim_profiles import PROFILES
@@ -88,9 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", default=",".join(m.value for m in defaults["modes"]),
                        help="comma-separated modes to compare")
     bench.add_argument("--simulate", default=None, metavar="PROFILE",
-                       help=f"run in simulated time on a modelled cluster: {', '.join(PROFILES)} (sets the stages)")
-    bench.add_argument("--prompts", type=Path, default=None,
-                       help="one prompt per line, or JSONL with a \"prompt\" field (default: 5 built-in prompts)")
+                       help=f"run in simulated time on a modelled cluster: {', '.join(PROFILES)}, or a profile .json "
+                            "(what --calibrate writes); the profile sets the stages")
+    bench.add_argument("--prompts", default=None,
+                       help="a shipped set (extractive, chat: conversations through the chat template), or a file: "
+                            "one prompt per line, or JSONL with a \"prompt\" string or a \"messages\" list "
+                            "(default: 5 built-in raw prompts)")
     bench.add_argument("--max-tokens", type=int, default=defaults["max_tokens"],
                        help="tokens per request (EOS is ignored)")
     bench.add_argument("--repeat", type=int, default=defaults["repeat"], help="repetitions, interleaved across modes")
@@ -98,7 +102,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="comma-separated requests in flight, e.g. 1,8")
     bench.add_argument("--baselines", default="", help="comma-separated peers to run too (extra pipeinfer[vllm]): vllm, vllm-ngram, vllm-draft:PATH")
     bench.add_argument("--out", type=Path, default=defaults["out_dir"], help="output directory")
+    bench.add_argument("--calibrate", action="store_true",
+                       help="also write OUT/profile.json, this run as a simulation profile: --simulate OUT/profile.json "
+                            "replays it (stage times by run size, hops, draft time, all measured)")
     bench.set_defaults(handler=_bench)
+
+    make_pair = commands.add_parser("make-pair", help="build a benchmark target whose layers:N self-draft agrees "
+                                                      "with it at a chosen rate (loadtests/pair.py)")
+    pair.add_arguments(make_pair)
+    make_pair.set_defaults(handler=pair.run)
 
     up = commands.add_parser("up", help="start a deployment from a cluster YAML file")
     up.add_argument("spec", help="the cluster YAML file (see examples/)")
@@ -132,42 +144,55 @@ def _add_engine_args(parser: argparse.ArgumentParser, with_mode: bool = True) ->
     parser.add_argument("--ray-address", default=engine.ray_address,
                         help="ray transport: 'auto' or an address joins a running cluster (default: a private local Ray)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=engine.dtype)
+    parser.add_argument("--stage-cpus", type=int, default=engine.stage_cpus,
+                        help="cores per stage, its torch threads; on one machine each stage is pinned to its own "
+                             "(default: the stages split this machine's cores)")
+    parser.add_argument("--draft-cpus", type=int, default=engine.draft_cpus,
+                        help="cores of a draft that computes (it runs on a thread, actor or rank of its own)")
     parser.add_argument("--kv-budget-bytes", type=int, default=engine.kv_budget_bytes,
                         help="per stage: refuse new requests while this much KV is in use (default: no limit)")
     parser.add_argument("--draft-len", type=int, default=spec.draft_len, help="most draft tokens per run")
     parser.add_argument("--max-in-flight", type=int, default=spec.max_runs_in_flight,
-                        help="most runs in flight per request (pipeinfer mode)")
-    parser.add_argument("--cutoff", type=float, default=spec.confidence_cutoff,
-                        help="draft confidence below which pipeinfer mode stops drafting")
+                        help="most runs in flight per request (pipeinfer mode; default: one per stage plus one)")
+    parser.add_argument("--min-accept-prob", type=float, default=spec.min_accept_prob,
+                        help="pipeinfer mode launches a guess while the measured chance that it, and every guess "
+                             "before it, is accepted stays at least this (default: 1 / the model's layers, times the "
+                             "requests running)")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     speculation = SpeculationConfig(mode=Mode(getattr(args, "mode", Mode.PIPEINFER)), draft_len=args.draft_len,
-                                    max_runs_in_flight=args.max_in_flight, confidence_cutoff=args.cutoff)
+                                    max_runs_in_flight=args.max_in_flight, min_accept_prob=args.min_accept_prob)
     return EngineConfig(model=args.model, draft=args.draft, num_stages=args.stages, dtype=args.dtype,
                         transport=args.transport, ray_address=args.ray_address,
-                        kv_budget_bytes=args.kv_budget_bytes, speculation=speculation,
-                        simulate=getattr(args, "simulate", None))
+                        kv_budget_bytes=args.kv_budget_bytes, stage_cpus=args.stage_cpus,
+                        draft_cpus=args.draft_cpus, speculation=speculation, simulate=getattr(args, "simulate", None))
 
 
 def _serve_mpi_stage(args: argparse.Namespace) -> bool:
     """Under mpirun every rank runs this command: ranks 1..N become the stages
-    (and return True when told to stop); rank 0 goes on as the coordinator.
-    A wrong rank count is reported by rank 0, which then aborts the job."""
-    from compute.model_source import load_config, resolve_model
+    and rank N+1 the draft, if it computes (each returns True when told to
+    stop); rank 0 goes on as the coordinator. A wrong rank count is reported
+    by rank 0, which then aborts the job."""
+    from compute.model_source import resolve_model
     from pipeline.mpi_transport import (
         check_rank_count,
         mpi_rank_and_size,
+        run_draft_worker,
         run_stage_worker,
     )
 
+    config = _engine_config(args)
+    has_draft_rank = not parse_draft(config.draft).is_free
     rank, _ = mpi_rank_and_size()
     if rank == 0:
-        check_rank_count(args.stages)  # before loading anything; the error aborts every rank
+        check_rank_count(args.stages, has_draft_rank)  # before loading anything; the error aborts every rank
         return False
-    config = _engine_config(args)
     model_dir = resolve_model(config.model, show_progress=False)
-    plans = config.plans(load_config(model_dir).num_hidden_layers)  # the split rank 0's engine makes
+    if rank == args.stages + 1:
+        run_draft_worker(config.draft, str(model_dir), config.dtype, config.draft_cpus)
+        return True
+    plans = config.plans(model_dir)  # the split rank 0's engine makes
     run_stage_worker(str(model_dir), plans, config.dtype, config.kv_budget_bytes)
     return True
 
@@ -196,7 +221,7 @@ def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(engine=_engine_config(args), modes=modes,
                          prompts=load_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS,
                          max_tokens=args.max_tokens, repeat=args.repeat, concurrency=concurrency,
-                         out_dir=args.out, baselines=tuple(_csv(args.baselines)))
+                         out_dir=args.out, baselines=tuple(_csv(args.baselines)), calibrate=args.calibrate)
     results = run_bench(config, show_progress=True)
     print(format_summary(results))
     print(f"wrote {args.out / 'results.json'} and " + ", ".join(str(args.out / f) for f in results["files"].values()))

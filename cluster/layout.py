@@ -13,25 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
-
 from cluster.spec import ClusterSpec, SpecError
-from compute.model_source import load_config, resolve_model
+from compute.model_source import resolve_model
 from compute.stage_model import DTYPES
 from draft_models import parse_draft
 from draft_models.factory import draft_model_dir
-from pipeline.partition import StagePlan
+from pipeline.cores import default_cores_per_stage
+from pipeline.partition import ModelCosts, StagePlan, balanced_ranges, model_costs
 
 GB = 1024**3
 MB = 1024**2
-
-
-@dataclass(frozen=True, slots=True)
-class ModelCosts:
-    layer_params: list[int]  # [num_layers]
-    embed_params: int
-    head_params: int  # final norm + lm_head (tied or not, the head computes it)
-    is_tied: bool  # lm_head is the embedding matrix
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,62 +31,6 @@ class StageLayout:
     compute_params: int  # parameters touched per token
     memory_bytes: int
     memory_limit_bytes: int | None
-
-
-def model_costs(model_dir: Path) -> ModelCosts:
-    """Parameter counts per layer, read from the checkpoint headers (no weights loaded)."""
-    config = load_config(model_dir)
-    layer_params = [0] * config.num_hidden_layers
-    embed = head = 0
-    files = sorted(model_dir.glob("*.safetensors"))
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                numel = 1
-                for dim in f.get_slice(key).get_shape():
-                    numel *= dim
-                if key.startswith("model.layers."):
-                    layer_params[int(key.split(".")[2])] += numel
-                elif key == "model.embed_tokens.weight":
-                    embed += numel
-                else:  # model.norm.weight, lm_head.weight
-                    head += numel
-    is_tied = bool(getattr(config, "tie_word_embeddings", False))
-    if is_tied:
-        head += embed  # the head multiplies by the embedding matrix
-    return ModelCosts(layer_params, embed, head, is_tied)
-
-
-def balanced_ranges(costs: ModelCosts, num_stages: int, extra_cost: dict[int, int]) -> list[tuple[int, int]]:
-    """Contiguous ranges minimising the largest stage cost (exact, by dynamic programming)."""
-    n = len(costs.layer_params)
-    if num_stages > n:
-        raise SpecError(f"cannot split {n} layers over {num_stages} stages")
-    prefix = [0]
-    for p in costs.layer_params:
-        prefix.append(prefix[-1] + p)
-
-    def stage_cost(stage: int, start: int, end: int) -> int:
-        cost = prefix[end] - prefix[start] + extra_cost.get(stage, 0)
-        return cost + (costs.head_params if stage == num_stages - 1 else 0)
-
-    inf = float("inf")
-    # best[s][i]: the smallest max cost placing layers [0, i) on stages [0, s)
-    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
-    best[0][0] = 0
-    for s in range(1, num_stages + 1):
-        for i in range(s, n - (num_stages - s) + 1):
-            for j in range(s - 1, i):
-                value = max(best[s - 1][j], stage_cost(s - 1, j, i))
-                if value < best[s][i]:
-                    best[s][i], cut[s][i] = value, j
-    ranges, end = [], n
-    for s in range(num_stages, 0, -1):
-        start = cut[s][end]
-        ranges.append((start, end))
-        end = start
-    return ranges[::-1]
 
 
 def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLayout]:
@@ -110,6 +45,8 @@ def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLay
         _check_contiguous(ranges, len(costs.layer_params))
     else:
         ranges = balanced_ranges(costs, len(stages), extra)
+    # One machine (a private Ray, or local threads): its cores split between the stages.
+    cpus = default_cores_per_stage(len(stages)) if spec.transport == "local" or spec.ray.address is None else 1
     layouts = []
     for index, (stage, (start, end)) in enumerate(zip(stages, ranges)):
         dtype = stage.dtype or spec.dtype
@@ -121,7 +58,7 @@ def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLay
         memory = params * DTYPES[dtype].itemsize
         compute = sum(costs.layer_params[start:end]) + (costs.head_params if is_last else 0) + extra.get(index, 0)
         limit = int(stage.memory_gb * GB) if stage.memory_gb else None
-        plan = StagePlan(start, end, num_cpus=stage.num_cpus, resources=dict(stage.resources), dtype=dtype)
+        plan = StagePlan(start, end, num_cpus=stage.num_cpus or cpus, resources=dict(stage.resources), dtype=dtype)
         layouts.append(StageLayout(plan, compute, memory, limit))
     too_big = [(i, l) for i, l in enumerate(layouts) if l.memory_limit_bytes and l.memory_bytes > l.memory_limit_bytes]
     if too_big:
@@ -159,10 +96,10 @@ def _check_contiguous(ranges: list[tuple[int, int]], num_layers: int) -> None:
 
 
 def format_layout(layouts: list[StageLayout]) -> str:
-    rows = [("stage", "layers", "dtype", "weights", "limit", "compute share", "resources")]
+    rows = [("stage", "layers", "dtype", "cpus", "weights", "limit", "compute share", "resources")]
     total = sum(l.compute_params for l in layouts)
     for i, l in enumerate(layouts):
-        rows.append((str(i), f"{l.plan.layer_start}-{l.plan.layer_end}", l.plan.dtype or "",
+        rows.append((str(i), f"{l.plan.layer_start}-{l.plan.layer_end}", l.plan.dtype or "", f"{l.plan.num_cpus:g}",
                      f"{l.memory_bytes / 1e6:.0f} MB",
                      f"{l.memory_limit_bytes / 1e6:.0f} MB" if l.memory_limit_bytes else "-",
                      f"{100 * l.compute_params / total:.0f}%",

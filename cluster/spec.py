@@ -46,14 +46,11 @@ DType = Literal[tuple(DTYPES)]
 class SpeculationSpec(_Strict):
     mode: Mode = Field(_SPECULATION.mode, description="ar, sync or pipeinfer.")
     draft_len: int = Field(_SPECULATION.draft_len, ge=1, le=16, description="Most draft tokens per run.")
-    max_runs_in_flight: int = Field(_SPECULATION.max_runs_in_flight, ge=1, le=64,
-                                    description="Most runs in flight per request (pipeinfer).")
-    confidence_cutoff: float = Field(_SPECULATION.confidence_cutoff, ge=0, le=1,
-                                     description="Draft confidence below which drafting stops.")
-    cutoff_recovery: float = Field(_SPECULATION.cutoff_recovery, ge=0, le=1,
-                                   description="Cutoff relaxes by this while the pipeline waits.")
-    cutoff_decay: float = Field(_SPECULATION.cutoff_decay, ge=0, le=1,
-                                description="Cutoff tightens by this after a rejection.")
+    max_runs_in_flight: int | None = Field(_SPECULATION.max_runs_in_flight, ge=1, le=64, description=(
+        "Most runs in flight per request (pipeinfer); absent: one per stage plus one."))
+    min_accept_prob: float | None = Field(_SPECULATION.min_accept_prob, ge=0, le=1, description=(
+        "pipeinfer launches a guess while the measured chance that it and every guess before it are accepted "
+        "stays at least this; absent: 1 / the model's layers, times the requests running."))
 
     def to_config(self) -> SpeculationConfig:
         return SpeculationConfig(**self.model_dump())
@@ -63,7 +60,9 @@ class StageSpec(_Strict):
     layers: tuple[int, int] | None = Field(None, description="[start, end) decoder layers; omit to split automatically.")
     resources: dict[str, float] = Field(default_factory=dict,
                                         description="Ray node resources this stage needs, e.g. {node_a: 1}.")
-    num_cpus: float = Field(1.0, gt=0, description="Logical CPUs reserved for the stage actor.")
+    num_cpus: float | None = Field(None, gt=0, description=(
+        "Cores of the stage: its torch threads, reserved for its actor. Default: on a private Ray (one "
+        "machine) its cores split between the stages, each pinned to its own; joining a cluster, 1."))
     memory_gb: float | None = Field(None, gt=0, description="Memory the stage may use; the split must fit it.")
     dtype: DType | None = Field(None, description="Overrides the top-level dtype.")
     device: Literal["cpu"] = Field("cpu", description="Where the stage computes (GPU stages: see the vLLM issue).")
@@ -108,7 +107,14 @@ class ClusterSpec(_Strict):
     speculation: SpeculationSpec = Field(default_factory=SpeculationSpec)
     stages: int | list[StageSpec] = Field(_ENGINE.num_stages, description="A count (split automatically) or one entry per stage.")
     stage_memory_gb: float | None = Field(None, gt=0, description="With a stage count: memory each stage may use.")
-    draft_stage: int | None = Field(0, ge=0, description="The stage whose node also runs the draft (takes fewer layers).")
+    draft_stage: int | None = Field(0, ge=0, description=(
+        "The stage whose node also runs the draft: it takes fewer layers, and the draft's actor goes beside it "
+        "when that node has draft_cpus free (else on any node that has)."))
+    draft_cpus: int = Field(_ENGINE.draft_cpus, ge=1, description=(
+        "Cores of a draft that computes: it runs in a Ray actor (a bundle) of its own."))
+    draft_resources: dict[str, float] = Field(default_factory=dict, description=(
+        "Ray node resources the draft's actor needs, e.g. {draft_node: 1}: a node of its own, as PipeInfer "
+        "runs it (a bundle of its own). Default: none, beside draft_stage."))
     transport: Literal["local", "ray"] = Field("ray", description="Where stages run.")
     ray: RaySpec = Field(default_factory=RaySpec)
     kv_budget_bytes: int | None = Field(_ENGINE.kv_budget_bytes, ge=1,

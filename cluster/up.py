@@ -52,6 +52,8 @@ def engine_config(spec: ClusterSpec, show_progress: bool = False) -> EngineConfi
     layouts = plan_layout(spec, show_progress)
     return EngineConfig(
         model=spec.model, draft=spec.draft, num_stages=len(layouts), dtype=spec.dtype,
+        draft_cpus=spec.draft_cpus, draft_resources=dict(spec.draft_resources),
+        draft_stage=spec.draft_stage,
         transport=spec.transport, ray_address=spec.ray.address, kv_budget_bytes=spec.kv_budget_bytes,
         stage_plans=tuple(layout.plan for layout in layouts),
         placement_strategy="STRICT_SPREAD" if spec.ray.placement == "spread" else "PACK",
@@ -148,6 +150,9 @@ def format_stage_map(health: dict) -> str:
     for s in health.get("stages", []):
         rows.append((str(s["stage"]), str(s.get("node_id", "local"))[:12], f"{s['layers'][0]}-{s['layers'][1]}",
                      f"{s['parameter_bytes'] / 1e6:.0f} MB", f"{s['kv_bytes'] / 1e6:.1f} MB", str(s["num_sequences"])))
+    draft = health.get("draft") or {}
+    if draft.get("runs_on") == "ray actor":
+        rows.append(("draft", draft["node_id"][:12], "-", "-", "-", "-"))
     return format_table(rows)
 
 
@@ -160,10 +165,14 @@ def _wait_healthy(deployment: Deployment, proc: subprocess.Popen) -> dict:
             raise SpecError(f"the deployment exited (status {proc.returncode}) before it was healthy:\n{tail}")
         try:
             response = httpx.get(deployment.url + "/health", timeout=5)
-            if response.status_code == 200:
-                return response.json()
-        except httpx.HTTPError:
-            pass
+            health = response.json()
+        except (httpx.HTTPError, ValueError):  # not listening yet
+            health = {}
+        if health.get("status") == "ok":
+            return health
+        if health.get("status") == "failed":  # loading failed: it will never be healthy
+            down(deployment.name)
+            raise SpecError(f"the deployment failed to load: {health.get('detail')}\n(see {deployment.log_path})")
         time.sleep(0.5)
     raise SpecError(f"not healthy after {READY_TIMEOUT_S} s; see {deployment.log_path}")
 

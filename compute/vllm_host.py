@@ -23,8 +23,7 @@ that distribution q, and forces vLLM's greedy pick to the chosen token. So
 greedy requests get argmax guesses, seeded requests the same Gumbel-noise
 choice the target makes and unseeded requests real samples with their q, as
 ModelDraft does. One proposal is one vLLM request over the whole context:
-prefix caching makes the already-seen prefix free, and the request is aborted
-after the first step whose confidence is under the cutoff.
+prefix caching makes the already-seen prefix free.
 """
 
 from __future__ import annotations
@@ -329,10 +328,11 @@ class _Host:
                 counters[name] = counters.get(name, 0) + getattr(metric, "value", 0)
         return counters
 
-    def propose(self, context: list[int], max_tokens: int, cutoff: float, rng_seed: int | None,
-                sampling: tuple) -> tuple[list[int], object]:
-        """-> the drafted tokens and, for unseeded sampling, their q as a numpy
-        array [n, vocab] (None otherwise; arrays, not tensors, cross the socket)."""
+    def propose(self, context: list[int], max_tokens: int, rng_seed: int | None,
+                sampling: tuple) -> tuple[list[int], list[float], object]:
+        """-> the drafted tokens, their confidences, and for unseeded sampling
+        their q as a numpy array [n, vocab] (None otherwise; arrays, not
+        tensors, cross the socket)."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -347,6 +347,7 @@ class _Host:
                                  output_kind=RequestOutputKind.DELTA, extra_args={"pipeinfer": spec})
         choices = _CHOICES.setdefault(request_id, {})
         tokens: list[int] = []
+        confidences: list[float] = []
         qs: list[torch.Tensor] = []
         self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(context)), params)
         try:
@@ -361,10 +362,8 @@ class _Host:
                     chosen, confidence, q = choices[len(context) + len(tokens)]
                     if chosen != token:
                         raise RuntimeError(f"vLLM produced token {token} where the draft chose {chosen}")
-                    if confidence < cutoff:
-                        finished = True
-                        break
                     tokens.append(token)
+                    confidences.append(confidence)
                     if want_q:
                         qs.append(q)
                 if not self.engine.has_unfinished_requests():
@@ -375,10 +374,10 @@ class _Host:
                 self.engine.abort_request([request_id])
                 while self.engine.has_unfinished_requests():
                     self.engine.step()
-        tokens = tokens[:max_tokens]
+        tokens, confidences = tokens[:max_tokens], confidences[:max_tokens]
         if not want_q or not tokens:
-            return tokens, None
-        return tokens, torch.stack(qs[: len(tokens)]).numpy()
+            return tokens, confidences, None
+        return tokens, confidences, torch.stack(qs[: len(tokens)]).numpy()
 
 
 def _host_main(fd: int) -> None:

@@ -17,16 +17,19 @@ class DraftProposal:
     # q per token [vocab], the distribution each token was drawn from; None for
     # a deterministic guess (n-gram), which verification treats as one-hot.
     probs: list[torch.Tensor | None] = field(default_factory=list)
+    # The draft's belief in each guess, in [0, 1] (a model's top probability,
+    # n-gram match statistics): the coordinator calibrates it against what
+    # the target accepts, and uses it only as far as it proves informative.
+    confidences: list[float] = field(default_factory=list)
 
 
 class DraftModel(Protocol):
     """Contract: propose(...) returns at most max_tokens guesses for the
-    positions right after token_ids, stopping early when its confidence (the
-    top probability of its distribution) falls below `cutoff`. Greedy
-    requests get argmax guesses, seeded requests guesses under the same
-    Gumbel noise as the target (sampling.choose_token), unseeded requests
-    samples with their q. A draft may keep per-sequence state; release(seq_id)
-    frees it. Called from the coordinator's thread only.
+    positions right after token_ids (fewer, even none, when it knows no
+    more). Greedy requests get argmax guesses, seeded requests guesses under
+    the same Gumbel noise as the target (sampling.choose_token), unseeded
+    requests samples with their q. A draft may keep per-sequence state;
+    release(seq_id) frees it. Called from one thread at a time (a drafter's).
     """
 
     name: str
@@ -38,7 +41,6 @@ class DraftModel(Protocol):
         token_ids: Sequence[int],
         max_tokens: int,
         sampling: SamplingParams,
-        cutoff: float,
         generator: torch.Generator | None,
     ) -> DraftProposal: ...
 
@@ -51,7 +53,7 @@ class NoDraft:
     name = "none"
     is_free = True
 
-    def propose(self, seq_id, token_ids, max_tokens, sampling, cutoff, generator) -> DraftProposal:
+    def propose(self, seq_id, token_ids, max_tokens, sampling, generator) -> DraftProposal:
         return DraftProposal()
 
     def release(self, seq_id: int) -> None:

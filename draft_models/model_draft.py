@@ -39,7 +39,6 @@ class ModelDraft:
         token_ids: Sequence[int],
         max_tokens: int,
         sampling: SamplingParams,
-        cutoff: float,
         generator: torch.Generator | None,
     ) -> DraftProposal:
         proposal = DraftProposal()
@@ -55,10 +54,9 @@ class ModelDraft:
         while True:
             position = len(context)
             token, probs = choose_token(logits, sampling, position, generator)
-            if float(probs.max()) < cutoff:
-                break
             proposal.token_ids.append(token)
             proposal.probs.append(None if sampling.is_greedy or sampling.is_coupled else probs)
+            proposal.confidences.append(float(probs.max()))
             context.append(token)
             if len(proposal.token_ids) == max_tokens:
                 break

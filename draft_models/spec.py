@@ -31,6 +31,11 @@ class DraftSpec:
     acceptance: float | None = None  # synthetic:ALPHA
     path: str | None = None  # vllm:PATH, or a model path
 
+    @property
+    def is_free(self) -> bool:
+        """Its guesses cost no compute (as the loaded draft's is_free says)."""
+        return self.kind in ("none", "ngram")
+
     def error(self, message: str) -> DraftSpecError:
         return DraftSpecError(f"--draft {self.text!r}: {message}")
 

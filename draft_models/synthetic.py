@@ -1,15 +1,16 @@
 """`--draft synthetic:ALPHA`: an acceptance model, not a real draft.
 
 Each guess is the target's own greedy token with probability ALPHA and a
-wrong token otherwise (a run's guesses stop after the first wrong one), and
-every guess reports confidence ALPHA. It lets the simulator sweep acceptance
-rates that no draft on hand has. It computes its guesses with the whole
-target, so it is only cheap where its cost is modelled (--simulate).
+wrong token otherwise, decided by a hash of the position and the token, so
+the same guesses come whatever the timing or the mode; every guess reports
+confidence ALPHA. It lets the simulator sweep acceptance rates that no draft
+on hand has. It computes its guesses with the whole target, so it is only
+cheap where its cost is modelled (--simulate).
 """
 
 from __future__ import annotations
 
-import random
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -31,22 +32,19 @@ class SyntheticDraft:
         self.acceptance = acceptance
         self._oracle = oracle
         self._vocab_size = vocab_size
-        self._rng = random.Random(seed)  # fixed: the same guesses on every run of a benchmark
+        self._seed = seed
 
     def propose(self, seq_id: int, token_ids: Sequence[int], max_tokens: int, sampling: SamplingParams,
-                cutoff: float, generator: torch.Generator | None) -> DraftProposal:
-        if max_tokens <= 0 or self.acceptance < cutoff:
-            return DraftProposal()
+                generator: torch.Generator | None) -> DraftProposal:
         # Greedy guesses are one-hot, hence lossless under every acceptance rule.
-        truth = self._oracle.propose(seq_id, token_ids, max_tokens, _GREEDY, 0.0, None).token_ids
-        guesses = []
-        for token in truth:
-            if self._rng.random() < self.acceptance:
-                guesses.append(token)
-            else:
-                guesses.append((token + 1) % self._vocab_size)
-                break  # the run's later guesses are moot once one is wrong
-        return DraftProposal(guesses, [None] * len(guesses))
+        truth = self._oracle.propose(seq_id, token_ids, max_tokens, _GREEDY, None).token_ids
+        guesses = [token if self._is_right(len(token_ids) + i, token) else (token + 1) % self._vocab_size
+                   for i, token in enumerate(truth)]
+        return DraftProposal(guesses, [None] * len(guesses), [self.acceptance] * len(guesses))
+
+    def _is_right(self, position: int, token: int) -> bool:
+        digest = hashlib.blake2b(f"{self._seed}:{position}:{token}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") / 2**64 < self.acceptance
 
     def release(self, seq_id: int) -> None:
         self._oracle.release(seq_id)

@@ -75,20 +75,20 @@ class VLLMDraft:
         return cls(name, host)
 
     def propose(self, seq_id: int, token_ids: Sequence[int], max_tokens: int, sampling: SamplingParams,
-                cutoff: float, generator: torch.Generator | None) -> DraftProposal:
+                generator: torch.Generator | None) -> DraftProposal:
         if max_tokens <= 0:
             return DraftProposal()
         rng_seed = None
         if not (sampling.is_greedy or sampling.is_coupled):  # a plain sample: its randomness comes from our stream
             rng_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        tokens, qs = self.host.call("propose", {
-            "context": list(token_ids), "max_tokens": max_tokens, "cutoff": cutoff, "rng_seed": rng_seed,
+        tokens, confidences, qs = self.host.call("propose", {
+            "context": list(token_ids), "max_tokens": max_tokens, "rng_seed": rng_seed,
             "sampling": (sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed),
         })
         if qs is None:
-            return DraftProposal(list(tokens), [None] * len(tokens))
+            return DraftProposal(list(tokens), [None] * len(tokens), list(confidences))
         q = torch.from_numpy(qs)
-        return DraftProposal(list(tokens), [q[i] for i in range(len(tokens))])
+        return DraftProposal(list(tokens), [q[i] for i in range(len(tokens))], list(confidences))
 
     def release(self, seq_id: int) -> None:
         pass

@@ -25,7 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from compute.types import GenerationRequest, SamplingParams, check_context
+from compute.stage_model import DTYPES
 from loadtests.bench_plots import write_plots
+from loadtests.calibrate import calibrate
 from loadtests.bench_summary import ModeRecord, outputs_match, ratios, summarize
 from loadtests.timing import RequestTiming
 from pipeline.engine import Engine, EngineConfig, GenerationError
@@ -43,18 +45,22 @@ DEFAULT_PROMPTS = (
     "The history of the printing press begins",
 )
 BASELINE_KINDS = "vllm, vllm-ngram, vllm-draft:PATH"
+PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
+PROMPT_SETS = ("extractive", "chat")  # PROMPT_DIR/NAME.jsonl: written for this project
+Prompt = str | tuple[tuple[str, str], ...]  # raw text, or a conversation of (role, content)
 
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
     engine: EngineConfig
     modes: tuple[Mode, ...] = tuple(Mode)
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    prompts: tuple[Prompt, ...] = DEFAULT_PROMPTS
     max_tokens: int = 64
     repeat: int = 2
     concurrency: tuple[int, ...] = (1,)
     out_dir: Path = Path("bench-out")
     baselines: tuple[str, ...] = ()  # vllm, vllm-ngram, vllm-draft:PATH
+    calibrate: bool = False  # also write profile.json: this run as a simulation profile (loadtests/calibrate.py)
 
     def __post_init__(self) -> None:
         if not self.modes and not self.baselines:
@@ -129,24 +135,42 @@ class BaselineRunner:
         self._baseline.close()
 
 
-def load_prompts(path: Path) -> tuple[str, ...]:
-    """One prompt per line, or JSONL objects with a "prompt" field (.jsonl, or
-    any file whose first line is a JSON object)."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+def load_prompts(source: str | Path) -> tuple[Prompt, ...]:
+    """A shipped set by name (PROMPT_SETS), or a file: one prompt per line,
+    or JSONL objects with a "prompt" string or a "messages" conversation
+    (sent through the model's chat template)."""
+    path = PROMPT_DIR / f"{source}.jsonl" if str(source) in PROMPT_SETS else Path(source)
+    if not path.exists():
+        raise ValueError(f"{source}: no such prompt file (shipped sets: {', '.join(PROMPT_SETS)})")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{path}: no prompts")
     if path.suffix == ".jsonl" or lines[0].lstrip().startswith("{"):
-        prompts = []
-        for number, line in enumerate(lines, 1):
-            try:
-                prompt = json.loads(line)["prompt"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{number}: expected a JSON object with a \"prompt\" string") from None
-            if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"{path}:{number}: \"prompt\" must be a non-empty string")
-            prompts.append(prompt)
-        return tuple(prompts)
+        return tuple(_jsonl_prompt(path, number, line) for number, line in enumerate(lines, 1))
     return tuple(line.replace("\\n", "\n") for line in lines)
+
+
+def _jsonl_prompt(path: Path, number: int, line: str) -> Prompt:
+    where = f"{path}:{number}"
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        raise ValueError(f"{where}: not JSON") from None
+    if isinstance(entry, dict) and isinstance(entry.get("prompt"), str) and entry["prompt"]:
+        return entry["prompt"]
+    messages = entry.get("messages") if isinstance(entry, dict) else None
+    if (isinstance(messages, list) and messages
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages)):
+        return tuple((m["role"], m["content"]) for m in messages)
+    raise ValueError(f"{where}: expected a JSON object with a non-empty \"prompt\" string or a \"messages\" list "
+                     "of {\"role\", \"content\"} objects")
+
+
+def encode_prompt(engine: Engine, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return engine.encode(prompt)
+    return engine.encode_chat([{"role": role, "content": content} for role, content in prompt])
 
 
 def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
@@ -156,7 +180,7 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
     runners: list[Runner] = [EngineModeRunner(engine, mode) for mode in config.modes]
     try:
         runners += [BaselineRunner(kind, engine.model_dir, config.engine.dtype) for kind in config.baselines]
-        prompts = [engine.encode(p) for p in config.prompts]
+        prompts = [encode_prompt(engine, p) for p in config.prompts]
         check_context(max(len(p) for p in prompts), config.max_tokens, engine.max_context, "--max-tokens")
         for runner in runners:  # warm up: first-call costs (allocation, compilation) stay out of the figures
             runner.run(prompts[:1], min(4, config.max_tokens), 1)
@@ -168,6 +192,13 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
         engine.close()
     results = _results(config, engine, records)
     results["files"] = write_plots(results, records, config.out_dir)
+    if config.calibrate:
+        profile = calibrate(records, name=f"measured:{config.out_dir.name}", num_stages=engine.transport.num_stages,
+                            num_layers=engine.transport.num_layers, hidden_size=engine.model_config.hidden_size,
+                            activation_bytes=DTYPES[config.engine.dtype].itemsize,
+                            max_run_tokens=2 * config.engine.speculation.draft_len + 2)
+        (config.out_dir / "profile.json").write_text(json.dumps(profile.as_dict(), indent=2) + "\n")
+        results["files"]["profile"] = "profile.json"
     (config.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 

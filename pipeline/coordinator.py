@@ -3,14 +3,17 @@
 Each sequence keeps a *chain* of live runs in flight: the first covers the
 last verified position, each next one starts where the previous ends. Its
 tokens beyond the verified text are the speculation. A result that shows a
-guess wrong cancels the rest of the chain on every stage at once.
+guess wrong cancels the rest of the chain on every stage at once. Guesses
+come from a Drafter (pipeline/drafter.py) that works off this thread: the
+coordinator keeps those it has not launched yet (`pending`) and never waits
+for more, except in sync mode.
 
 Modes:
 - ar:        a root run of the unverified tip only; wait; repeat.
-- sync:      a root run of the tip plus k draft tokens; wait; repeat.
-- pipeinfer: a one-token canonical root run, then speculative runs chained
-             behind it while the draft is confident and the cap allows, never
-             waiting: each result is verified as soon as it arrives.
+- sync:      a root run of the tip plus k guesses; wait; repeat.
+- pipeinfer: a root run of the tip, then runs chained behind it, one per
+             stage (plus one waiting), each with the guesses worth launching
+             (pipeline/speculation.py); every result is verified on arrival.
 """
 
 from __future__ import annotations
@@ -19,15 +22,13 @@ import itertools
 import logging
 import queue
 import threading
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from compute.types import Failure, FailureCode, GenerationRequest, check_context
-from draft_models.base import DraftModel
-from pipeline.speculation import AdaptiveCutoff, SpeculationConfig
+from pipeline.drafter import Drafter, DraftRequest, Guesses
+from pipeline.sequence import EventSink, Guess, Launched, SequenceState
+from pipeline.speculation import EXPLORE_EVERY, RunCost, SpeculationConfig
 from pipeline.transport import Transport
 from pipeline.types import (
     CommitKV,
@@ -46,37 +47,8 @@ from pipeline.verify import verify
 
 log = logging.getLogger(__name__)
 
-EventSink = Callable[[TokenEvent | FinishEvent], None]
 STALL_TIMEOUT_S = 120.0  # no result for a request, and no stage progress, for this long: it is stalled
 WATCHDOG_INTERVAL_S = 1.0  # how often the loop checks for dead stages and stalled requests
-
-
-@dataclass(slots=True)
-class SequenceState:
-    seq_id: int
-    request: GenerationRequest
-    sink: EventSink
-    cutoff: AdaptiveCutoff
-    token_ids: list[int]  # verified: prompt + generated
-    committed_len: int = 0  # positions whose KV is committed on every stage
-    chain: deque[Run] = field(default_factory=deque)
-    results: dict[int, RunResult] = field(default_factory=dict)  # arrived early
-    draft_probs: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)  # run_id -> q per token
-    generator: torch.Generator | None = None
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    started_at: float = 0.0  # on the coordinator's clock
-    last_progress_at: float = 0.0  # last result verified
-
-    @property
-    def num_generated(self) -> int:
-        return len(self.token_ids) - len(self.request.prompt_token_ids)
-
-    def speculated_token_ids(self) -> list[int]:
-        """The chain's tokens beyond the verified text."""
-        if not self.chain:
-            return []
-        chain_tokens = [t for run in self.chain for t in run.token_ids]
-        return chain_tokens[len(self.token_ids) - self.chain[0].start_pos :]
 
 
 class Coordinator:
@@ -84,22 +56,25 @@ class Coordinator:
     drives the coordinator itself (the simulator) steps it in simulated time
     instead."""
 
-    def __init__(self, transport: Transport, draft: DraftModel, config: SpeculationConfig, max_context: int,
+    def __init__(self, transport: Transport, drafter: Drafter, config: SpeculationConfig, max_context: int,
                  stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
         self.transport = transport
         self.stall_timeout_s = stall_timeout_s
-        self.draft = draft
+        self.drafter = drafter
         self.config = config
         self.max_context = max_context
         self.clock = transport.clock
         self.is_stopped = False  # the close event was handled
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._seqs: dict[int, SequenceState] = {}
+        self.run_cost = RunCost()  # a pipeline pass by run size, as measured
         self._seq_ids = itertools.count()
         self._run_ids = itertools.count()
         self._thread = None
         self._closed = False
+        self._launching_on: int | None = None  # the thread in the launch phase of step(), if any
         transport.start(lambda result: self._events.put(("result", result)))
+        drafter.start(self._guesses_arrived)
         if transport.drives_coordinator:
             transport.drive(self)
         else:
@@ -138,6 +113,7 @@ class Coordinator:
             self._events.put(("close", None))
             if self._thread is not None:
                 self._thread.join(timeout=10)
+            self.drafter.close()
             self.transport.close()
 
     # ---- the loop --------------------------------------------------------
@@ -150,6 +126,14 @@ class Coordinator:
             if self._seqs and self.clock() - checked_at >= WATCHDOG_INTERVAL_S:  # however busy the loop is
                 checked_at = self.clock()
                 self.fail_stalled_sequences()
+
+    def _guesses_arrived(self, guesses: Guesses) -> None:
+        """An event; but from an inline drafter answering while we launch,
+        taken at once, so that the run about to be launched carries them."""
+        if self._launching_on == threading.get_ident():
+            self._handle("guesses", guesses)
+        else:
+            self._events.put(("guesses", guesses))
 
     def step(self, timeout: float | None) -> bool:
         """One turn of the loop: wait up to `timeout` (0: not at all) for an
@@ -175,12 +159,16 @@ class Coordinator:
             except Exception as exc:  # never let one request kill the loop
                 log.exception("coordinator failed on %s", kind)
                 self._fail_sequence_of(kind, payload, exc)
-        for seq in list(self._seqs.values()):
-            try:
-                self._launch(seq)
-            except Exception as exc:
-                log.exception("launch failed for sequence %d", seq.seq_id)
-                self._finish(seq, "error", Failure.of(exc, FailureCode.INTERNAL))
+        self._launching_on = threading.get_ident()
+        try:
+            for seq in list(self._seqs.values()):
+                try:
+                    self._launch(seq)
+                except Exception as exc:
+                    log.exception("launch failed for sequence %d", seq.seq_id)
+                    self._finish(seq, "error", Failure.of(exc, FailureCode.INTERNAL))
+        finally:
+            self._launching_on = None
         return True
 
     def fail_stalled_sequences(self) -> None:
@@ -215,12 +203,19 @@ class Coordinator:
                 self._finish(seq, "error", payload)
         elif kind == "result":
             self._receive(payload)
+        elif kind == "guesses":
+            seq = self._seqs.get(payload.seq_id)
+            if seq is not None:
+                seq.stats.draft_calls += 1
+                seq.stats.draft_guesses += len(payload.token_ids)
+                seq.stats.draft_s += payload.seconds
+                seq.add_guesses(payload)
 
     def _fail_sequence_of(self, kind: str, payload, exc: Exception) -> None:
         if kind in ("speculation", "fail_all"):
             return
         failure = Failure.of(exc, FailureCode.INTERNAL)
-        seq_id = payload.seq_id if kind == "result" else payload[0] if kind == "new" else payload
+        seq_id = payload.seq_id if kind in ("result", "guesses") else payload[0] if kind == "new" else payload
         seq = self._seqs.get(seq_id)
         if seq is not None:
             self._finish(seq, "error", failure)
@@ -233,8 +228,8 @@ class Coordinator:
             generator = torch.Generator()
             generator.seed()
         now = self.clock()
-        seq = SequenceState(seq_id, request, sink, AdaptiveCutoff(self.config), list(request.prompt_token_ids),
-                            generator=generator, started_at=now, last_progress_at=now)
+        seq = SequenceState(seq_id, request, sink, list(request.prompt_token_ids), generator=generator,
+                            started_at=now, last_progress_at=now)
         seq.stats.num_prompt_tokens = len(request.prompt_token_ids)
         return seq
 
@@ -242,48 +237,97 @@ class Coordinator:
 
     def _launch(self, seq: SequenceState) -> None:
         mode = self.config.mode
-        if not seq.chain:
-            drafts = self._propose(seq, seq.token_ids, cutoff=0.0) if mode is Mode.SYNC else None
-            self._submit(seq, parent=None, start_pos=seq.committed_len,
-                         token_ids=seq.token_ids[seq.committed_len :], drafts=drafts)
-        if mode is not Mode.PIPEINFER:
+        if mode is Mode.AR:
+            if not seq.chain:
+                self._submit(seq, [])
+        elif mode is Mode.SYNC:
+            if not seq.chain:
+                k = self._budget(seq, self.config.draft_len)
+                self._ask_draft(seq, seq.chain_end + k)  # (an inline drafter answers at once)
+                if len(seq.pending) >= k or seq.is_draft_exhausted:
+                    self._submit(seq, [seq.pending.popleft() for _ in range(min(k, len(seq.pending)))], value=0.0)
+                # else: the one mode that waits for its guesses
+        else:
+            cap = self.config.runs_in_flight(self.transport.num_stages)
+            self._ask_draft(seq, self._wanted_upto(seq, cap))  # an inline drafter answers at once
+            while len(seq.chain) < cap:
+                guesses, value = self._worth_launching(seq)
+                if seq.chain and not guesses:
+                    break
+                self._submit(seq, guesses, value)
+            self._ask_draft(seq, self._wanted_upto(seq, cap))
+
+    def _budget(self, seq: SequenceState, most: int) -> int:
+        """Guesses that fit after the chain: no run computes a position whose
+        prediction lies past max_tokens."""
+        return max(0, min(most, seq.max_useful_position - seq.chain_end))
+
+    def _worth_launching(self, seq: SequenceState) -> tuple[list[Guess], float]:
+        """The leading pending guesses for a run, each while its chance of
+        being accepted, with every guess before it, pays for it: a new run's
+        first guess pays for a run (the run threshold), any other for a token
+        more in its run (the token threshold; a root run goes anyway).
+        -> the guesses and the run's own chance. While no guess is worth it,
+        one probing guess every EXPLORE_EVERY verifications."""
+        load = len(self._seqs)
+        run_bar, token_bar = self.config.threshold(self.transport.num_layers, load), self.run_cost.token_share() * load
+        chain_value = seq.chain_value
+        value, taken = 1.0, []
+        depth = seq.streak + seq.num_guesses_in_flight
+        for guess in list(seq.pending)[: self._budget(seq, self.config.draft_len)]:
+            depth += 1
+            p = seq.acceptance.probability(guess.confidence, depth)
+            if chain_value * value * p < (run_bar if seq.chain and not taken else token_bar):
+                break
+            value *= p
+            taken.append(guess)
+        is_probing = seq.since_judged >= EXPLORE_EVERY and not any(run.is_speculative for run in seq.chain)
+        if not taken and seq.pending and is_probing and self._budget(seq, 1):
+            taken.append(seq.pending[0])
+            value = seq.acceptance.probability(seq.pending[0].confidence, depth - len(seq.pending) + 1)
+        for _ in taken:
+            seq.pending.popleft()
+        return taken, value
+
+    def _threshold(self) -> float:
+        return self.config.threshold(self.transport.num_layers, len(self._seqs))
+
+    def _wanted_upto(self, seq: SequenceState, cap: int) -> int:
+        """How far to ask the drafter to guess: enough to fill the room in the
+        chain, and one run more for when a result frees a place, while
+        guesses are worth it; one probing guess when they are not."""
+        if seq.chain_value * seq.acceptance.overall >= self._threshold():
+            want = (cap - len(seq.chain) + 1) * self.config.draft_len
+        else:
+            want = 1 if seq.since_judged >= EXPLORE_EVERY else 0
+        return seq.chain_end + max(len(seq.pending), self._budget(seq, want))
+
+    def _ask_draft(self, seq: SequenceState, upto: int) -> None:
+        """Tell the drafter what is newly verified and how far to guess (when either changed)."""
+        if seq.told_len == len(seq.token_ids) and seq.asked_upto == upto:
             return
-        while len(seq.chain) < self.config.max_runs_in_flight:
-            # The emptier the pipeline, the cheaper a guess (its stages would
-            # idle otherwise): the cutoff scales with how full the chain is.
-            cutoff = seq.cutoff.value * len(seq.chain) / self.config.max_runs_in_flight
-            drafts = self._propose(seq, seq.token_ids + seq.speculated_token_ids(), cutoff)
-            if drafts is None:
-                seq.cutoff.on_idle()
-                return
-            tip = seq.chain[-1]
-            self._submit(seq, parent=tip, start_pos=tip.end_pos, token_ids=[], drafts=drafts)
+        self.drafter.request(DraftRequest(seq.seq_id, seq.epoch, seq.told_len, tuple(seq.token_ids[seq.told_len:]),
+                                          upto, seq.request.sampling))
+        seq.told_len, seq.asked_upto = len(seq.token_ids), upto
 
-    def _propose(self, seq: SequenceState, context: list[int], cutoff: float):
-        """Draft guesses for the positions after `context`, bounded so that no
-        run computes a position whose prediction lies past max_tokens."""
-        last_needed = len(seq.request.prompt_token_ids) + seq.request.max_tokens - 1
-        budget = min(self.config.draft_len, last_needed - len(context))
-        if budget <= 0:
-            return None
-        proposal = self.draft.propose(seq.seq_id, context, budget, seq.request.sampling, cutoff, seq.generator)
-        self.transport.charge_draft(self.draft, len(proposal.token_ids))
-        return proposal if proposal.token_ids else None
-
-    def _submit(self, seq: SequenceState, parent: Run | None, start_pos: int, token_ids: list[int], drafts) -> None:
-        draft_ids = drafts.token_ids if drafts is not None else []
+    def _submit(self, seq: SequenceState, guesses: list[Guess], value: float = 1.0) -> None:
+        """A run of the unverified tip (a root run, when the chain is empty)
+        or of the positions after the chain, then the guesses."""
+        parent = seq.chain[-1] if seq.chain else None
+        start_pos = parent.end_pos if parent else seq.committed_len
+        tip = [] if parent else seq.token_ids[seq.committed_len:]
         run = Run(
             run_id=next(self._run_ids),
             seq_id=seq.seq_id,
             parent_run_id=None if parent is None else parent.run_id,
             start_pos=start_pos,
-            token_ids=tuple(token_ids) + tuple(draft_ids),
-            is_speculative=bool(draft_ids),
+            token_ids=(*tip, *(g.token_id for g in guesses)),
+            is_speculative=bool(guesses),
             sampling=seq.request.sampling,
         )
-        if draft_ids:
-            seq.draft_probs[run.run_id] = [None] * len(token_ids) + list(drafts.probs)
-            seq.stats.num_draft_tokens += len(draft_ids)
+        seq.launched[run.run_id] = Launched([None] * len(tip) + list(guesses), value,
+                                            submitted_at=None if parent else self.clock())
+        seq.stats.num_draft_tokens += len(guesses)
         seq.chain.append(run)
         seq.stats.num_runs += 1
         self.transport.submit(run)
@@ -318,23 +362,33 @@ class Coordinator:
         first = len(seq.token_ids) - 1 - run.start_pos  # the output predicting the next position
         assert 0 <= first < len(run.token_ids), (run, len(seq.token_ids))
         # The guess for each output's position: the run's next input, and
-        # after its last, the next run's first token (if one is in flight).
-        after = seq.chain[0] if seq.chain else None
-        probs = seq.draft_probs.pop(run.run_id, None) or [None] * len(run.token_ids)
+        # after its last, the next run's first token, or else the first
+        # guess not launched yet (judged here for free).
+        after = seq.launched[seq.chain[0].run_id].guesses[0] if seq.chain else (
+            seq.pending[0] if seq.pending else None)
+        is_after_pending = not seq.chain and after is not None
+        launched = seq.launched.pop(run.run_id)
+        if launched.submitted_at is not None and len(run.token_ids) <= self.config.draft_len + 2:
+            self.run_cost.observe(len(run.token_ids), self.clock() - launched.submitted_at)  # a root run of decode size
+        guesses = [*launched.guesses[first + 1:], after]
         verdict = verify(
-            [*run.token_ids[first + 1:], after.token_ids[0] if after else None],
-            [*probs[first + 1:], (seq.draft_probs.get(after.run_id) or [None])[0] if after else None],
+            [None if g is None else g.token_id for g in guesses],
+            [None if g is None else g.q for g in guesses],
             None if result.target_token_ids is None else result.target_token_ids[first:],
             None if result.target_probs is None else result.target_probs[first:],
             seq.generator,
         )
+        self._learn(seq, guesses, verdict)
+        # A pending guess judged by the last output taught us something but
+        # was never launched: it counts in no speculation figure.
+        is_pending_accepted = is_after_pending and not verdict.is_rejected and verdict.num_accepted == len(guesses)
         new_token_ids, finish_reason = [], None
         for token in verdict.token_ids:
             seq.token_ids.append(token)
             new_token_ids.append(token)
             if (finish_reason := self._finish_reason(seq, token)) is not None:
                 break
-        seq.stats.num_accepted_tokens += min(verdict.num_accepted, len(new_token_ids))
+        seq.stats.num_accepted_tokens += min(verdict.num_accepted - is_pending_accepted, len(new_token_ids))
         seq.stats.num_verify_steps += 1
         self._emit(seq, new_token_ids)
         if finish_reason is not None:
@@ -345,9 +399,22 @@ class Coordinator:
         seq.committed_len = run.start_pos + num_valid_kv
         if verdict.is_rejected:
             self._cancel_chain(seq)
-            seq.cutoff.on_rejection()
-        elif run.is_speculative:
-            seq.cutoff.on_acceptance()
+            seq.new_line()
+        elif is_after_pending:
+            seq.pending.popleft()  # the pending guess just accepted is verified text now
+
+    @staticmethod
+    def _learn(seq: SequenceState, guesses: list[Guess | None], verdict) -> None:
+        """Feed the acceptance model the guesses this verdict judged, each at
+        its depth (the accepted guesses before it since a token the target
+        chose itself)."""
+        judged = guesses[: verdict.num_accepted + verdict.is_rejected]
+        for i, guess in enumerate(judged):
+            if guess is not None:
+                seq.acceptance.observe(guess.confidence, i < verdict.num_accepted, seq.streak + i + 1)
+        all_accepted = verdict.num_accepted == len(verdict.token_ids)
+        seq.streak = seq.streak + verdict.num_accepted if all_accepted else 0
+        seq.since_judged = 0 if any(g is not None for g in judged) else seq.since_judged + 1
 
     def _finish_reason(self, seq: SequenceState, token: int) -> str | None:
         if token in seq.request.stop_token_ids:
@@ -363,7 +430,7 @@ class Coordinator:
         self.transport.cancel(seq.seq_id, run_ids)
         for run_id in run_ids:
             seq.results.pop(run_id, None)
-            seq.draft_probs.pop(run_id, None)
+            seq.launched.pop(run_id, None)
         seq.stats.num_runs_cancelled += len(run_ids)
         seq.stats.cancelled_run_ids.extend(run_ids)
         seq.chain.clear()
@@ -380,7 +447,7 @@ class Coordinator:
     def _finish(self, seq: SequenceState, reason: str, failure: Failure | None = None) -> None:
         self._cancel_chain(seq)
         self.transport.send_kv_op(FreeSequence(seq.seq_id))
-        self.draft.release(seq.seq_id)
+        self.drafter.release(seq.seq_id)
         self._seqs.pop(seq.seq_id, None)
         seq.stats.num_generated_tokens = seq.num_generated
         seq.stats.elapsed_s = self.clock() - seq.started_at

@@ -5,6 +5,7 @@ benchmark) talks only to this."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 from collections.abc import Callable
@@ -17,10 +18,12 @@ from transformers import AutoTokenizer, GenerationConfig
 from compute.model_source import load_config, resolve_model
 from compute.stage_model import DTYPES
 from compute.types import Failure, FailureCode, GenerationRequest, SamplingParams
-from draft_models import DraftModel, load_draft
+from draft_models import parse_draft
 from pipeline.coordinator import STALL_TIMEOUT_S, Coordinator
+from pipeline.cores import default_cores_per_stage, split_cores
+from pipeline.drafter import Drafter
 from pipeline.local_transport import LayerDelay, LocalTransport
-from pipeline.partition import StagePlan, even_plans
+from pipeline.partition import StagePlan, balanced_plans
 from pipeline.sim_profiles import get_profile
 from pipeline.sim_transport import SimulatedTransport
 from pipeline.speculation import SpeculationConfig
@@ -43,6 +46,12 @@ class EngineConfig:
     transport: str = "local"  # local | ray | mpi
     ray_address: str | None = None  # ray transport: None starts a local Ray; "auto" or an address joins one
     kv_budget_bytes: int | None = None  # per stage: new sequences are refused beyond it
+    # Cores per stage (its torch threads; on one machine, pinned); None: the
+    # stages split this machine's cores. Explicit stage_plans say their own.
+    stage_cpus: int | None = None
+    draft_cpus: int = 1  # cores of a draft that runs beside the coordinator
+    draft_resources: dict[str, float] = field(default_factory=dict)  # ray: node resources for the draft's actor
+    draft_stage: int | None = 0  # ray: without draft_resources, the draft's actor goes beside this stage
     stage_plans: tuple[StagePlan, ...] | None = None  # explicit layers/resources per stage; None: even split
     placement_strategy: str = "PACK"  # ray: PACK, or STRICT_SPREAD for one stage per node
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
@@ -50,12 +59,19 @@ class EngineConfig:
     # on the cluster the profile describes (its stage count wins).
     simulate: str | None = None
 
-    def plans(self, num_layers: int) -> tuple[StagePlan, ...]:
-        """The stages' layer ranges: the explicit ones, or an even split (over
-        the simulated cluster's own stage count)."""
+    def plans(self, model_dir: Path) -> tuple[StagePlan, ...]:
+        """The stages' layer ranges: the explicit ones, or a split balancing
+        compute (over the simulated cluster's own stage count)."""
         if self.stage_plans:
             return self.stage_plans
-        return even_plans(num_layers, get_profile(self.simulate).num_stages if self.simulate else self.num_stages)
+        num_stages = get_profile(self.simulate).num_stages if self.simulate else self.num_stages
+        cpus = self.stage_cpus or default_cores_per_stage(num_stages)
+        return tuple(dataclasses.replace(plan, num_cpus=cpus) for plan in balanced_plans(model_dir, num_stages))
+
+    @property
+    def draft_plan(self) -> StagePlan:
+        """Where a draft that computes runs, as a (layerless) plan: its CPUs and resources."""
+        return StagePlan(0, 0, num_cpus=self.draft_cpus, resources=dict(self.draft_resources))
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -64,6 +80,8 @@ class EngineConfig:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.stage_cpus is not None and self.stage_cpus < 1 or self.draft_cpus < 1:
+            raise ValueError("stage_cpus and draft_cpus must be >= 1")
         if self.simulate is not None:
             get_profile(self.simulate)  # a clear error for an unknown name
             if self.transport != "local":
@@ -85,11 +103,12 @@ class GenerationError(RuntimeError):
 
 
 class Engine:
-    """Generation over assembled parts: a transport (with its stages), a draft
-    and the speculation settings. Engine.load(config) assembles them from a
-    config; a test or a tool may assemble its own."""
+    """Generation over assembled parts: a transport (with its stages), a
+    drafter (the draft, where it runs) and the speculation settings.
+    Engine.load(config) assembles them from a config; a test or a tool may
+    assemble its own."""
 
-    def __init__(self, model_dir: Path, transport: Transport, draft: DraftModel, speculation: SpeculationConfig,
+    def __init__(self, model_dir: Path, transport: Transport, drafter: Drafter, speculation: SpeculationConfig,
                  *, stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
         self.model_dir = Path(model_dir)
         self.model_config = load_config(model_dir)
@@ -97,23 +116,24 @@ class Engine:
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_config)
         self.transport = transport
         self.speculation = speculation
-        self._coordinator = Coordinator(transport, draft, speculation, self.model_config.max_position_embeddings,
+        self._coordinator = Coordinator(transport, drafter, speculation, self.model_config.max_position_embeddings,
                                         stall_timeout_s)
 
     @classmethod
     def load(cls, config: EngineConfig, *, layer_delay: LayerDelay | None = None, show_progress: bool = True,
              stall_timeout_s: float = STALL_TIMEOUT_S) -> Engine:
         model_dir = resolve_model(config.model, show_progress)
-        plans = config.plans(load_config(model_dir).num_hidden_layers)
+        plans = config.plans(model_dir)
         transport = _make_transport(config, model_dir, plans, layer_delay, show_progress)
         try:
-            draft = load_draft(config.draft, model_dir, dtype=DTYPES[config.dtype], show_progress=show_progress)
-            engine = cls(model_dir, transport, draft, config.speculation, stall_timeout_s=stall_timeout_s)
+            engine = cls(model_dir, transport, transport.drafter(config.draft, model_dir, config.dtype),
+                         config.speculation, stall_timeout_s=stall_timeout_s)
         except BaseException:
             transport.close()  # stages, and the private Ray they run on
             raise
-        log.info("engine ready: %s, %d %s stage(s) %s, draft %s, mode %s", model_dir, len(plans), config.transport,
-                 [(p.layer_start, p.layer_end) for p in plans], config.draft, config.speculation.mode.value)
+        log.info("engine ready: %s, %d %s stage(s) %s, draft %s (%s), mode %s", model_dir, len(plans),
+                 config.transport, [(p.layer_start, p.layer_end) for p in plans], config.draft,
+                 engine.draft_where()["runs_on"], config.speculation.mode.value)
         return engine
 
     @property
@@ -153,6 +173,10 @@ class Engine:
     def stage_stats(self) -> list[dict]:
         return self.transport.stage_stats()
 
+    def draft_where(self) -> dict:
+        """Where the draft runs ({"runs_on": ...}), for /health."""
+        return self._coordinator.drafter.where()
+
     def stage_spans(self) -> list[StageSpan]:
         return self.transport.stage_spans()
 
@@ -177,6 +201,14 @@ class Engine:
         if self.tokenizer is None:
             raise GenerationError(Failure(FailureCode.BAD_REQUEST, f"{self.model_dir} has no tokenizer: give token ids"))
         return self.tokenizer.encode(text, add_special_tokens=False) or [self.tokenizer.bos_token_id]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation, through the model's chat template, ready for the assistant's turn."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise GenerationError(Failure(FailureCode.BAD_REQUEST, f"{self.model_dir} has no chat template",
+                                          param="messages"))
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -252,20 +284,22 @@ def _make_transport(config: EngineConfig, model_dir: Path, plans: tuple[StagePla
 
         cluster = RayCluster.connect(config.ray_address)
         try:
+            draft_plan = None if parse_draft(config.draft).is_free else config.draft_plan
             return RayTransport(str(model_dir), plans, config.dtype, config.placement_strategy,
-                                config.kv_budget_bytes, cluster=cluster)
+                                config.kv_budget_bytes, cluster=cluster, draft_plan=draft_plan,
+                                draft_stage=config.draft_stage)
         except BaseException:
             cluster.stop()
             raise
     if config.transport == "mpi":
         from pipeline.mpi_transport import MPITransport
 
-        return MPITransport(len(plans))
+        return MPITransport(plans, has_draft_rank=not parse_draft(config.draft).is_free)
     stages = [Stage.load(model_dir, plans, index, config.dtype, config.kv_budget_bytes)
               for index in tqdm(range(len(plans)), desc="loading stages", unit="stage", disable=not show_progress)]
     if config.simulate:
         return SimulatedTransport(stages, get_profile(config.simulate))
-    return LocalTransport(stages, layer_delay)
+    return LocalTransport(stages, layer_delay, split_cores([int(p.num_cpus) for p in plans] + [config.draft_cpus]))
 
 
 def _load_tokenizer(model_dir: Path):

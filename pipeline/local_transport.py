@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from pipeline.cores import own_cores
 from pipeline.stage import Stage, stage_failure
 from pipeline.trace import StageSpan
 from pipeline.transport import ResultSink, Transport
@@ -25,9 +26,15 @@ _STOP = object()
 
 
 class LocalTransport(Transport):
-    def __init__(self, stages: list[Stage], layer_delay: LayerDelay | None = None) -> None:
+    def __init__(self, stages: list[Stage], layer_delay: LayerDelay | None = None,
+                 cores: list[list[int]] | None = None) -> None:
+        """cores: one group per stage and one for the draft, each pinned to
+        its own (None: the threads share whatever the process has)."""
         self.stages = stages
+        self._cores = cores
+        self.draft_cores = cores[-1] if cores else None
         self.num_stages = len(stages)
+        self.num_layers = sum(stage.model.num_layers for stage in stages)
         self._layer_delay = layer_delay
         self._inboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in stages]
         self._threads: list[threading.Thread] = []
@@ -72,6 +79,8 @@ class LocalTransport(Transport):
         outbox = self._inboxes[index + 1] if index + 1 < self.num_stages else None
         before_layer = self._delay_hook(index)
         torch.set_grad_enabled(False)
+        if self._cores:
+            own_cores(self._cores[index])
         while True:
             message = inbox.get()
             if message is _STOP:

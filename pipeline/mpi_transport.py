@@ -1,10 +1,15 @@
 """Stages as MPI ranks (mpi4py), for clusters launched by mpirun/srun.
 
-Rank 0 runs the coordinator; rank i (1..N) runs stage i-1. Work (runs and KV
-ops, with hidden states) flows rank 0 -> 1 -> ... -> N with non-blocking
-sends; the last rank sends each RunResult back to rank 0. Cancellations go
-from rank 0 straight to every stage on their own tag, which a stage drains
-before each message and between layers, so they overtake queued work.
+Rank 0 runs the coordinator; rank i (1..N) runs stage i-1; a draft that
+computes runs on a rank of its own, N+1, as PipeInfer runs it. Work (runs
+and KV ops, with hidden states) flows rank 0 -> 1 -> ... -> N with
+non-blocking sends; the last rank sends each RunResult back to rank 0.
+Cancellations go from rank 0 straight to every stage on their own tag, which
+a stage drains before each message and between layers, so they overtake
+queued work. Draft requests go to the draft rank on theirs; its guesses come
+back to rank 0 with the results. Where the ranks run, and on which cores,
+is mpiexec's choice (e.g. `-bind-to core:3`); each rank computes with as
+many torch threads as its plan's num_cpus.
 
 Blocking MPI waits spin a core in most MPI builds; with few cores that steals
 the stages' compute, so idle loops poll with a short sleep instead.
@@ -16,9 +21,13 @@ import logging
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 
+from compute.stage_model import DTYPES
+from draft_models import load_draft
+from pipeline.drafter import Drafter, DraftRequest, Guesses, GuessSink, ThreadDrafter
 from pipeline.partition import StagePlan
 from pipeline.stage import Stage, stage_failure
 from pipeline.transport import ResultSink, Transport
@@ -26,7 +35,7 @@ from pipeline.types import KVOp, Run, RunResult
 
 log = logging.getLogger(__name__)
 
-TAG_WORK, TAG_RESULT, TAG_CONTROL = 1, 2, 3
+TAG_WORK, TAG_RESULT, TAG_CONTROL, TAG_DRAFT = 1, 2, 3, 4
 STOP, STOPPED = "stop", "stopped"
 IDLE_POLL_S = 0.0002
 HEARTBEAT_S = 1.0  # a computing stage tells rank 0 it progresses at most this often
@@ -43,10 +52,11 @@ def mpi_rank_and_size() -> tuple[int, int]:
     return comm.Get_rank(), comm.Get_size()
 
 
-def check_rank_count(num_stages: int) -> None:
-    size = _comm().Get_size()
-    if size != num_stages + 1:
-        raise ValueError(f"--stages {num_stages} needs {num_stages + 1} MPI ranks (coordinator + stages), got {size}")
+def check_rank_count(num_stages: int, has_draft_rank: bool) -> None:
+    size, needed = _comm().Get_size(), num_stages + 1 + has_draft_rank
+    if size != needed:
+        parts = "coordinator + stages" + (" + the draft" if has_draft_rank else "")
+        raise ValueError(f"--stages {num_stages} needs {needed} MPI ranks ({parts}), got {size}")
 
 
 ABORT_GRACE_S = 1.0
@@ -67,12 +77,16 @@ def abort_all_ranks(code: int) -> None:
 class MPITransport(Transport):
     """The coordinator's side (rank 0)."""
 
-    def __init__(self, num_stages: int) -> None:
+    def __init__(self, plans: tuple[StagePlan, ...], has_draft_rank: bool = False) -> None:
         self._comm = _comm()
         if self._comm.Get_rank() != 0:
             raise RuntimeError("MPITransport runs on rank 0; other ranks run run_stage_worker()")
-        check_rank_count(num_stages)
+        num_stages = len(plans)
+        check_rank_count(num_stages, has_draft_rank)
+        self._draft_rank = num_stages + 1 if has_draft_rank else None
+        self._on_guesses: GuessSink | None = None
         self.num_stages = num_stages
+        self.num_layers = sum(p.layer_end - p.layer_start for p in plans)
         self._sends: list = []
         self._send_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -95,6 +109,12 @@ class MPITransport(Transport):
         for rank in range(1, self.num_stages + 1):
             self._send(("cancel", seq_id, run_ids), dest=rank, tag=TAG_CONTROL)
 
+    def drafter(self, spec: str, model_dir: Path, dtype: str) -> Drafter:
+        """A draft that computes runs on the draft rank."""
+        if self._draft_rank is None:
+            return super().drafter(spec, model_dir, dtype)
+        return _MPIDrafter(self)
+
     def is_alive(self) -> bool:
         return not self._stopping.is_set() and self._receiver.is_alive()
 
@@ -114,6 +134,8 @@ class MPITransport(Transport):
         if self._stopping.is_set():
             return
         self._stopping.set()
+        if self._draft_rank is not None:
+            self._send(STOP, dest=self._draft_rank, tag=TAG_DRAFT)
         self._send((STOP, None), dest=1, tag=TAG_WORK)
         self._receiver.join(timeout=30)
         with self._send_lock:
@@ -137,10 +159,63 @@ class MPITransport(Transport):
             self._heard_at = time.monotonic()  # a result, stats, or a heartbeat
             if kind == "result":
                 self._on_result(payload)
+            elif kind == "guesses":
+                self._on_guesses(payload)
             elif kind == "stats":  # a stage's stats, sent after each KV op
                 self._stats[payload["stage"]] = payload
             elif kind == STOPPED:
                 return
+
+
+class _MPIDrafter:
+    """The Drafter protocol on rank 0, for the draft rank: requests go out on
+    TAG_DRAFT, guesses come back through the transport's receiver."""
+
+    def __init__(self, transport: MPITransport) -> None:
+        self._transport = transport
+
+    def start(self, on_guesses: GuessSink) -> None:
+        self._transport._on_guesses = on_guesses
+
+    def request(self, request: DraftRequest) -> None:
+        self._transport._send(request, dest=self._transport._draft_rank, tag=TAG_DRAFT)
+
+    def release(self, seq_id: int) -> None:
+        self._transport._send(seq_id, dest=self._transport._draft_rank, tag=TAG_DRAFT)
+
+    def close(self) -> None:
+        pass  # the transport stops the draft rank with the stages
+
+    def where(self) -> dict:
+        return {"runs_on": "mpi rank", "rank": self._transport._draft_rank}
+
+
+def run_draft_worker(spec: str, model_dir: str, dtype: str, num_cpus: int) -> None:
+    """Rank N+1: draft (on a ThreadDrafter) until rank 0 says stop."""
+    comm = _comm()
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(num_cpus)
+    sends: list = []
+
+    def send_guesses(guesses: Guesses) -> None:  # from the drafter's thread; MPI is thread-safe here
+        sends.append(comm.isend(("guesses", guesses), dest=0, tag=TAG_RESULT))
+
+    drafter = ThreadDrafter(load_draft(spec, Path(model_dir), DTYPES[dtype], show_progress=False))
+    drafter.start(send_guesses)
+    while True:
+        if not comm.iprobe(source=0, tag=TAG_DRAFT):
+            time.sleep(IDLE_POLL_S)
+            continue
+        message = comm.recv(source=0, tag=TAG_DRAFT)
+        if message == STOP:
+            break
+        if isinstance(message, DraftRequest):
+            drafter.request(message)
+        else:
+            drafter.release(message)
+    drafter.close()
+    for request in sends:
+        request.wait()
 
 
 def run_stage_worker(model_dir: str, plans: tuple[StagePlan, ...], dtype: str,
@@ -152,10 +227,11 @@ def run_stage_worker(model_dir: str, plans: tuple[StagePlan, ...], dtype: str,
 class _StageWorker:
     def __init__(self, model_dir: str, plans: tuple[StagePlan, ...], dtype: str, kv_budget_bytes: int | None) -> None:
         self.comm = _comm()
-        self.rank, size = self.comm.Get_rank(), self.comm.Get_size()
+        self.rank = self.comm.Get_rank()
         torch.set_grad_enabled(False)
+        torch.set_num_threads(max(1, int(plans[self.rank - 1].num_cpus)))
         self.stage = Stage.load(model_dir, plans, self.rank - 1, dtype, kv_budget_bytes)
-        self.next_rank = self.rank + 1 if self.rank + 1 < size else None
+        self.next_rank = self.rank + 1 if self.rank < len(plans) else None
         self._sends: list = []
         self._beat_at = 0.0
 

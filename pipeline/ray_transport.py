@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import ray
 import torch
 from ray.exceptions import RayActorError, RayError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from compute.stage_model import DTYPES
 from compute.types import Failure, FailureCode
+from draft_models import load_draft
+from pipeline.cores import own_cores, split_cores
+from pipeline.drafter import Drafter, DraftRequest, Guesses, GuessSink, ThreadDrafter
 from pipeline.partition import StagePlan
 from pipeline.ray_cluster import RayCluster
 from pipeline.stage import Stage, failed, stage_failure
@@ -34,13 +40,19 @@ from pipeline.types import KVOp, PipelineFailed, Run, RunResult, SequenceFailed
 log = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 120
+DRAFT_READY_TIMEOUT_S = 600
+POLL_S = 0.5  # a long poll for guesses returns at least this often (to notice close())
 
 
 @ray.remote(concurrency_groups={"control": 1, "compute": 1})
 class StageActor:
     def __init__(self, model_dir: str, plans: tuple[StagePlan, ...], index: int, dtype: str,
-                 kv_budget_bytes: int | None, layer_delay_s: float) -> None:
+                 kv_budget_bytes: int | None, layer_delay_s: float, cores: list[int] | None) -> None:
         torch.set_grad_enabled(False)
+        if cores:
+            own_cores(cores, whole_process=True)
+        else:
+            torch.set_num_threads(max(1, int(plans[index].num_cpus)))
         self.stage = Stage.load(model_dir, plans, index, dtype, kv_budget_bytes)
         self._before_layer = (lambda layer: time.sleep(layer_delay_s)) if layer_delay_s else None
 
@@ -82,30 +94,151 @@ class StageActor:
         return self.stage.spans.drain()
 
 
+@ray.remote(concurrency_groups={"requests": 1, "guesses": 1})
+class DraftActor:
+    """The draft in a process (and a bundle) of its own, drafting on a thread
+    (ThreadDrafter). Requests arrive in order on their own group; guesses
+    leave through take(), which the driver long-polls on another."""
+
+    def __init__(self, spec: str, model_dir: str, dtype: str, cores: list[int] | None, num_cpus: float) -> None:
+        torch.set_grad_enabled(False)
+        if cores:
+            own_cores(cores, whole_process=True)
+        else:
+            torch.set_num_threads(max(1, int(num_cpus)))
+        self._guesses: queue.SimpleQueue = queue.SimpleQueue()
+        self._drafter = ThreadDrafter(load_draft(spec, Path(model_dir), DTYPES[dtype], show_progress=False), cores)
+        self._drafter.start(self._guesses.put)
+
+    @ray.method(concurrency_group="requests")
+    def request(self, request: DraftRequest) -> None:
+        self._drafter.request(request)
+
+    @ray.method(concurrency_group="requests")
+    def release(self, seq_id: int) -> None:
+        self._drafter.release(seq_id)
+
+    @ray.method(concurrency_group="guesses")
+    def where(self) -> dict:
+        return {"runs_on": "ray actor", "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    @ray.method(concurrency_group="guesses")
+    def take(self, wait_s: float) -> list[Guesses]:
+        """Every batch of guesses ready, waiting up to wait_s for the first."""
+        try:
+            batches = [self._guesses.get(timeout=wait_s)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                batches.append(self._guesses.get_nowait())
+            except queue.Empty:
+                return batches
+
+
+class RayDrafter:
+    """The Drafter protocol over a DraftActor: requests go out in order,
+    guesses come back through a long poll on a thread of ours."""
+
+    def __init__(self, actor) -> None:
+        self._actor = actor
+        try:  # placed, loaded and ready (its errors surface here)
+            self._where = ray.get(actor.where.remote(), timeout=DRAFT_READY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(actor, no_restart=True)
+            raise RuntimeError(f"the draft's actor was not ready within {DRAFT_READY_TIMEOUT_S} s: does a node "
+                               f"have draft_cpus free?") from None
+        self._closed = threading.Event()
+        self._sink: GuessSink | None = None
+        self._thread = threading.Thread(target=self._poll, name="ray-guesses", daemon=True)
+
+    def start(self, on_guesses: GuessSink) -> None:
+        self._sink = on_guesses
+        self._thread.start()
+
+    def request(self, request: DraftRequest) -> None:
+        self._actor.request.remote(request)
+
+    def release(self, seq_id: int) -> None:
+        self._actor.release.remote(seq_id)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)
+        ray.kill(self._actor, no_restart=True)
+
+    def where(self) -> dict:
+        return self._where
+
+    def _poll(self) -> None:
+        while not self._closed.is_set():
+            try:
+                batches = ray.get(self._actor.take.remote(POLL_S))
+            except RayError:  # the draft actor is gone: speculation stops, generation goes on
+                log.warning("the draft actor is gone; going on without guesses")
+                return
+            for guesses in batches:
+                self._sink(guesses)
+
+
+def _place(bundles: list[dict], strategy: str, what: str):
+    """A placement group for these bundles, ready; a clear error if the cluster cannot hold it."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    for bundle in bundles:  # one no node could ever hold would wait forever: say so now
+        if not any(all(node.get(key, 0) >= need for key, need in bundle.items()) for node in nodes):
+            raise RuntimeError(f"no node of the cluster can hold {what}: {bundle}; its nodes have "
+                               f"{[{k: v for k, v in n.items() if not k.startswith('node:')} for n in nodes]}")
+    group = placement_group(bundles, strategy=strategy)
+    try:
+        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise RuntimeError(f"the cluster cannot place {what} {bundles} ({strategy}) within "
+                           f"{PLACEMENT_TIMEOUT_S} s: check the nodes' CPUs and custom resources") from None
+    return group
+
+
 class RayTransport(Transport):
     """layer_delay_s sleeps before every layer: a slower machine, for tests.
     A `cluster` given is stopped by close() (the private Ray it started)."""
 
     def __init__(self, model_dir: str, plans: Sequence[StagePlan], dtype: str = "float32",
                  strategy: str = "PACK", kv_budget_bytes: int | None = None, layer_delay_s: float = 0.0,
-                 max_restarts: int = -1, cluster: RayCluster | None = None) -> None:
+                 max_restarts: int = -1, cluster: RayCluster | None = None,
+                 draft_plan: StagePlan | None = None, draft_stage: int | None = 0) -> None:
+        """draft_plan: the CPUs and resources of the draft's actor, for a
+        draft that computes (None: no draft actor); draft_stage: the stage
+        whose node it prefers (None: any node)."""
         if not ray.is_initialized():
             raise RuntimeError("connect to Ray (RayCluster.connect) before creating a RayTransport")
         self.cluster = cluster
         self.num_stages = len(plans)
-        bundles = [{"CPU": p.num_cpus, **p.resources} for p in plans]
-        self.placement_group = placement_group(bundles, strategy=strategy)
-        try:
-            ray.get(self.placement_group.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.placement_group)
-            raise RuntimeError(f"the cluster cannot place the stages {bundles} ({strategy}) within "
-                               f"{PLACEMENT_TIMEOUT_S} s: check the nodes' CPUs and custom resources") from None
+        self.num_layers = sum(p.layer_end - p.layer_start for p in plans)
+        self.model_dir = model_dir
+        self._draft_plan = draft_plan
+        # A private cluster is this machine: each stage, and the draft, gets cores of its own.
+        placed = [*plans, *([draft_plan] if draft_plan else [])]
+        pinned = split_cores([int(p.num_cpus) for p in placed]) if cluster and cluster.is_private \
+            else [None] * len(placed)
+        self.draft_cores = pinned[len(plans)] if draft_plan else None
+        self.placement_group = _place([{"CPU": p.num_cpus, **p.resources} for p in plans], strategy, "the stages")
+        # A draft asking for node resources gets a bundle of its own (the
+        # stages' strategy, one node each with spread, does not bind it);
+        # otherwise it goes beside stage `draft_stage` where that node has the CPUs.
+        self._draft_stage = draft_stage
+        self.draft_group = None
+        if draft_plan is not None and draft_plan.resources:
+            try:
+                self.draft_group = _place([{"CPU": draft_plan.num_cpus, **draft_plan.resources}], "PACK",
+                                          "the draft's actor (draft_cpus, draft_resources)")
+            except BaseException:
+                remove_placement_group(self.placement_group)
+                raise
         self.actors = [
             StageActor.options(
                 num_cpus=p.num_cpus, resources=p.resources, max_restarts=max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
-            ).remote(model_dir, tuple(plans), i, dtype, kv_budget_bytes, layer_delay_s)
+            ).remote(model_dir, tuple(plans), i, dtype, kv_budget_bytes, layer_delay_s, pinned[i])
             for i, p in enumerate(plans)
         ]
         ray.get([a.stats.remote() for a in self.actors], timeout=600)  # loaded and ready
@@ -155,12 +288,30 @@ class RayTransport(Transport):
         """Actors stamp spans with their own wall clock (one machine, or NTP-close ones)."""
         return [span for spans in ray.get([a.drain_spans.remote() for a in self.actors], timeout=30) for span in spans]
 
+    def drafter(self, spec: str, model_dir: Path, dtype: str) -> Drafter:
+        """A draft that computes runs in its own actor, in the bundle made for it."""
+        if self._draft_plan is None:
+            return super().drafter(spec, model_dir, dtype)
+        if self.draft_group is not None:
+            where = PlacementGroupSchedulingStrategy(self.draft_group, placement_group_bundle_index=0)
+        elif self._draft_stage is not None:  # beside that stage if its node has the CPUs, else anywhere
+            node_id = placement_group_table(self.placement_group)["bundles_to_node_id"][self._draft_stage]
+            where = NodeAffinitySchedulingStrategy(node_id, soft=True)
+        else:
+            where = "DEFAULT"
+        actor = DraftActor.options(
+            num_cpus=self._draft_plan.num_cpus, resources=self._draft_plan.resources, scheduling_strategy=where,
+        ).remote(spec, str(model_dir), dtype, self.draft_cores, self._draft_plan.num_cpus)
+        return RayDrafter(actor)
+
     def close(self) -> None:
         self._closed = True
         self._wakeup.set()
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        remove_placement_group(self.placement_group)
+        for group in (self.placement_group, self.draft_group):
+            if group is not None:
+                remove_placement_group(group)
         if self.cluster is not None:
             self.cluster.stop()
 

@@ -9,7 +9,9 @@ runs on GPUs and close to measured llama.cpp behaviour on CPUs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 GB = 1e9
 
@@ -36,6 +38,9 @@ class ClusterProfile:
     # The draft, on its own node next to the coordinator.
     draft_token_s: float  # one draft forward pass (one token)
     draft_call_s: float  # per propose() call: a round trip to the draft node
+    # Measured instead of modelled (a profile calibrated on a real run): per
+    # stage, the seconds of a run of n tokens are a + b * n.
+    stage_costs: tuple[tuple[float, float], ...] = ()
 
     def layers_of(self, stage: int) -> int:
         base, extra = divmod(self.num_layers, self.num_stages)
@@ -49,6 +54,9 @@ class ClusterProfile:
         return self.params_of(stage) * self.bytes_per_param
 
     def stage_time_s(self, stage: int, num_tokens: int) -> float:
+        if self.stage_costs:
+            a, b = self.stage_costs[stage]
+            return a + b * num_tokens
         return (self.run_overhead_s + self.weight_bytes_of(stage) / self.memory_bandwidth_Bps
                 + num_tokens * 2 * self.params_of(stage) / self.flops)
 
@@ -64,13 +72,23 @@ class ClusterProfile:
 
     def floor_s_per_run(self) -> float:
         """The physical limit of one single-token run: every weight byte read
-        once at memory bandwidth, plus one hop per stage and back."""
-        weights = sum(self.weight_bytes_of(s) / self.memory_bandwidth_Bps for s in range(self.num_stages))
+        once at memory bandwidth, plus one hop per stage and back (for a
+        measured profile: the measured single-token stage times)."""
+        if self.stage_costs:
+            weights = sum(self.stage_time_s(s, 1) for s in range(self.num_stages))
+        else:
+            weights = sum(self.weight_bytes_of(s) / self.memory_bandwidth_Bps for s in range(self.num_stages))
         hops = self.num_stages * self.link_time_s(self.hidden_bytes(1))
         return weights + hops
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ClusterProfile:
+        data = dict(data)
+        data["stage_costs"] = tuple(tuple(c) for c in data.get("stage_costs", ()))
+        return cls(**data)
 
 
 # Llama-2-70B: 80 layers of 8192 hidden, 28672 MLP, 64 query / 8 KV heads.
@@ -116,7 +134,12 @@ PROFILES: dict[str, ClusterProfile] = {
 
 
 def get_profile(name: str) -> ClusterProfile:
-    try:
+    """A named profile, or a JSON file of one (what `pipeinfer bench --calibrate` writes)."""
+    if name in PROFILES:
         return PROFILES[name]
-    except KeyError:
-        raise ValueError(f"unknown simulation profile {name!r}; choose from {', '.join(PROFILES)}") from None
+    if name.endswith(".json"):
+        try:
+            return ClusterProfile.from_dict(json.loads(Path(name).read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"simulation profile {name}: {exc}") from None
+    raise ValueError(f"unknown simulation profile {name!r}; choose from {', '.join(PROFILES)}, or a profile .json")

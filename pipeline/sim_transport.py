@@ -3,16 +3,18 @@ real (small) model compute the real tokens, while every stage and link is
 charged the time a ClusterProfile says it would take on the cluster modelled.
 
 A discrete-event loop on one thread owns the clock and drives the
-coordinator (Coordinator(own_thread=False).step), so the coordinator's
-decisions happen at simulated instants: results arrive when the modelled
-pipeline would deliver them, a draft's guesses cost the modelled draft time,
-and a cancellation stops a stage at the next modelled layer boundary.
+coordinator (it steps it), so the coordinator's decisions happen at
+simulated instants: results arrive when the modelled pipeline would deliver
+them, the draft works on a node of its own and its guesses arrive after the
+modelled draft time, and a cancellation stops a stage at the next modelled
+layer boundary.
 Links are FIFO, like TCP/MPI channels; transfers on one link do not queue
 behind each other (a link is far from saturated by one request's activations).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -20,9 +22,14 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from compute.stage_model import DTYPES
+from draft_models import load_draft
+from draft_models.base import DraftModel
+from pipeline.drafter import GUESS_STEP, DraftLines, DraftRequest, Guesses, GuessSink
 from pipeline.sim_profiles import ClusterProfile
 from pipeline.stage import Stage, result_bytes, stage_failure
 from pipeline.trace import SpanRecorder, StageSpan
@@ -55,9 +62,10 @@ class SimulatedTransport(Transport):
             raise ValueError(f"profile {profile.name} has {profile.num_stages} stages, got {len(stages)}")
         self.stages = stages
         self.num_stages = len(stages)
+        self.num_layers = profile.num_layers
         self.profile = profile
         self.now = 0.0  # time of the event being handled
-        self.cursor = 0.0  # the coordinator's own time: it may be busy (drafting) past `now`
+        self.cursor = 0.0  # the coordinator's own time (never behind the event being handled)
         self.spans = SpanRecorder()
         self._heap: list[tuple[float, int, str, tuple]] = []
         self._order = itertools.count()  # equal times keep their scheduling order
@@ -73,11 +81,8 @@ class SimulatedTransport(Transport):
     def clock(self) -> float:
         return self.cursor
 
-    def charge_draft(self, draft, num_tokens: int) -> None:
-        """The coordinator is busy drafting: the profile's time per call and
-        per token, unless the draft computes nothing (n-gram lookup, none)."""
-        if not draft.is_free:
-            self.cursor += self.profile.draft_call_s + num_tokens * self.profile.draft_token_s
+    def drafter(self, spec: str, model_dir: Path, dtype: str) -> SimulatedDrafter:
+        return SimulatedDrafter(load_draft(spec, model_dir, DTYPES[dtype], show_progress=False), self)
 
     def start(self, on_result: ResultSink) -> None:
         self._result_sink = on_result
@@ -95,7 +100,7 @@ class SimulatedTransport(Transport):
 
     def cancel(self, seq_id: int, run_ids: list[int]) -> None:
         """Straight to every stage at once (its own small message)."""
-        self._schedule(self.cursor + self.profile.link_time_s(CANCEL_BYTES), "cancel", (seq_id, list(run_ids)))
+        self.schedule(self.cursor + self.profile.link_time_s(CANCEL_BYTES), "cancel", (seq_id, list(run_ids)))
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -135,14 +140,14 @@ class SimulatedTransport(Transport):
                 raise
             coordinator.step(0)  # handle whatever that delivered, and launch
 
-    def _schedule(self, when: float, kind: str, payload: tuple) -> None:
+    def schedule(self, when: float, kind: str, payload: tuple) -> None:
         heapq.heappush(self._heap, (when, next(self._order), kind, payload))
 
     def _send(self, link: int, item: tuple, num_bytes: int, sent_at: float) -> None:
         """Over link `link` into stage `link`; FIFO: never overtakes an earlier message."""
         arrives = max(sent_at + self.profile.link_time_s(num_bytes), self._link_free_at[link])
         self._link_free_at[link] = arrives
-        self._schedule(arrives, "arrive", (link, item))
+        self.schedule(arrives, "arrive", (link, item))
 
     def _on_arrive(self, stage: int, item: tuple) -> None:
         self._queues[stage].append(item)
@@ -158,7 +163,7 @@ class SimulatedTransport(Transport):
                 layers_done = math.ceil((self.now - busy.start_s) / layer_s - 1e-9)
                 busy.end_s = min(busy.end_s, busy.start_s + layers_done * layer_s)
                 busy.version = next(self._versions)
-                self._schedule(max(busy.end_s, self.now), "done", (index, busy.version))
+                self.schedule(max(busy.end_s, self.now), "done", (index, busy.version))
 
     def _on_done(self, index: int, version: int) -> None:
         busy = self._busy[index]
@@ -172,7 +177,7 @@ class SimulatedTransport(Transport):
         elif isinstance(out, RunResult):
             num_bytes = 0 if out.failure else result_bytes(out)
             self._record(index, run, busy.start_s, "computed", num_bytes)
-            self._schedule(self.now + self.profile.link_time_s(num_bytes), "deliver", (out,))
+            self.schedule(self.now + self.profile.link_time_s(num_bytes), "deliver", (out,))
         else:
             num_bytes = self.profile.hidden_bytes(len(run.token_ids))
             self._record(index, run, busy.start_s, "computed", num_bytes)
@@ -181,6 +186,9 @@ class SimulatedTransport(Transport):
 
     def _on_deliver(self, result: RunResult) -> None:
         self._result_sink(result)
+
+    def _on_guesses(self, drafter: SimulatedDrafter, guesses: Guesses) -> None:
+        drafter.delivered(guesses)
 
     def _start_next(self, index: int) -> None:
         stage, queue_ = self.stages[index], self._queues[index]
@@ -197,7 +205,7 @@ class SimulatedTransport(Transport):
                 duration = self.profile.stage_time_s(index, len(item.token_ids))
                 busy = _Busy(item, hidden, self.now, self.now + duration, next(self._versions))
                 self._busy[index] = busy
-                self._schedule(busy.end_s, "done", (index, busy.version))
+                self.schedule(busy.end_s, "done", (index, busy.version))
 
     def _compute(self, stage: Stage, run: Run, hidden):
         try:
@@ -216,3 +224,51 @@ class SimulatedTransport(Transport):
     def _record(self, index: int, run: Run, start_s: float, outcome: str, out_bytes: int) -> None:
         self.spans.record(StageSpan(index, run.seq_id, run.run_id, run.is_speculative, len(run.token_ids),
                                     start_s, self.now, outcome, out_bytes))
+
+
+class SimulatedDrafter:
+    """The draft on a node of its own, in simulated time: each batch of
+    guesses is computed at once (the real draft, the real tokens) and
+    delivered after the profile's time for it; the node takes one batch at a
+    time. A draft that computes nothing (n-gram lookup) answers at once."""
+
+    def __init__(self, draft: DraftModel, simulator: SimulatedTransport) -> None:
+        self._lines = DraftLines(draft)
+        self._sim = simulator
+        self._is_busy = False
+        self._last: int | None = None
+        self._sink: GuessSink | None = None
+
+    def start(self, on_guesses: GuessSink) -> None:
+        self._sink = on_guesses
+
+    def request(self, request: DraftRequest) -> None:
+        self._lines.apply(request)
+        self._next()
+
+    def release(self, seq_id: int) -> None:
+        self._lines.release(seq_id)
+
+    def close(self) -> None:
+        pass
+
+    def where(self) -> dict:
+        return {"runs_on": "simulated node"}
+
+    def delivered(self, guesses: Guesses) -> None:
+        self._is_busy = False
+        self._sink(guesses)
+        self._next()
+
+    def _next(self) -> None:
+        line = None if self._is_busy else self._lines.next_wanting(self._last)
+        if line is None:
+            return
+        self._last = line.seq_id
+        is_free = self._lines.draft.is_free
+        guesses = self._lines.extend(line, line.wants if is_free else GUESS_STEP)
+        profile = self._sim.profile
+        cost = 0.0 if is_free else profile.draft_call_s + len(guesses.token_ids) * profile.draft_token_s
+        guesses = dataclasses.replace(guesses, seconds=cost)
+        self._is_busy = True
+        self._sim.schedule(self._sim.cursor + cost, "guesses", (self, guesses))

@@ -1,52 +1,148 @@
-"""How far and how eagerly to speculate (PipeInfer's adaptive speculation)."""
+"""How far and how eagerly to speculate: from the acceptance measured per
+request, not from the draft's word alone.
+
+The chance that a guess becomes a verified token is the product, over it and
+every guess before it in the chain, of each one's acceptance probability.
+pipeinfer mode launches a guess only while that product stays at least a
+threshold: a good draft goes deep, a useless one turns speculation off (one
+guess every EXPLORE_EVERY verifications keeps measuring it, so it comes back
+when the text turns predictable).
+
+The thresholds weigh what a guess can win against what it can cost. An
+accepted guess saves a pipeline pass, the time of every layer. A run more
+that is wasted is cancelled within a layer, so delays the run that needs
+its stage next by about one layer's time (its stage would idle otherwise):
+a new run's first guess needs a chance of 1 / num_layers. A guess more in a
+run makes that run's pass longer by the time of a token, which RunCost
+measures: it needs a chance of (token time / pass time). Both grow with the
+number of requests running, whose runs a wasted one displaces.
+min_accept_prob sets the first by hand.
+"""
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from pipeline.types import Mode
+
+NUM_BINS = 5  # of the draft's confidence, [0, 1]
+DEPTH_BINS = (1, 2, 3, 5, 1 << 30)  # upper ends: depth 1, 2, 3, 4-5, 6 and deeper
+BIN_WEIGHT = 2.0  # a bin's rate leans on the request's overall rate until it has this many guesses
+PRIOR_RATE, PRIOR_WEIGHT = 0.8, 2.0  # the overall rate before any verdict, and its weight in guesses
+DEFAULT_TOKEN_COST = 0.1  # a token's share of a pass until RunCost has measured it
+EXPLORE_EVERY = 8
+RUN_COST_SAMPLES = 64  # verifications between two probing guesses while speculation is off
 
 
 @dataclass(frozen=True, slots=True)
 class SpeculationConfig:
     mode: Mode = Mode.PIPEINFER
-    draft_len: int = 4  # k: most draft tokens per run (PipeInfer advises < 8)
-    max_runs_in_flight: int = 4  # per sequence, pipeinfer mode
-    # pipeinfer mode drafts only while the draft's top probability >= cutoff.
-    confidence_cutoff: float = 0.4
-    cutoff_recovery: float = 0.05  # lowered by this each time the pipeline waits with room to spare
-    cutoff_decay: float = 0.1  # raised by this after each rejected speculation
+    draft_len: int = 4  # most guesses per run (sync: per step; PipeInfer advises < 8)
+    # Most runs in flight per sequence (pipeinfer); None: one per stage plus
+    # one waiting at the first stage, so that no stage idles.
+    max_runs_in_flight: int | None = None
+    # Launch a guess while P(it and all before it are accepted) >= this; None: by the pipeline's depth and load.
+    min_accept_prob: float | None = None
 
     def __post_init__(self) -> None:
         if self.draft_len < 1:
             raise ValueError(f"draft_len must be >= 1, got {self.draft_len}")
-        if self.max_runs_in_flight < 1:
+        if self.max_runs_in_flight is not None and self.max_runs_in_flight < 1:
             raise ValueError(f"max_runs_in_flight must be >= 1, got {self.max_runs_in_flight}")
-        for name in ("confidence_cutoff", "cutoff_recovery", "cutoff_decay"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if self.min_accept_prob is not None and not 0.0 <= self.min_accept_prob <= 1.0:
+            raise ValueError(f"min_accept_prob must be in [0, 1], got {self.min_accept_prob}")
+
+    def runs_in_flight(self, num_stages: int) -> int:
+        return self.max_runs_in_flight or num_stages + 1
+
+    def threshold(self, num_layers: int, num_sequences: int) -> float:
+        if self.min_accept_prob is not None:
+            return self.min_accept_prob
+        return min(1.0, max(1, num_sequences) / num_layers)
 
 
-class AdaptiveCutoff:
-    """cutoff = base + adjust, clamped to [0, 1]: relaxes while the pipeline
-    waits, tightens after rejections, back to base after an acceptance."""
+class _Rates:
+    """Acceptance counts in bins, each bin's rate leaning on an overall rate
+    until it has BIN_WEIGHT guesses of its own."""
 
-    __slots__ = ("_config", "_adjust")
+    __slots__ = ("accepted", "tried")
 
-    def __init__(self, config: SpeculationConfig) -> None:
-        self._config = config
-        self._adjust = 0.0
+    def __init__(self, num_bins: int) -> None:
+        self.accepted = [0] * num_bins
+        self.tried = [0] * num_bins
+
+    def rate(self, b: int, overall: float) -> float:
+        return (self.accepted[b] + BIN_WEIGHT * overall) / (self.tried[b] + BIN_WEIGHT)
+
+    def observe(self, b: int, is_accepted: bool) -> None:
+        self.tried[b] += 1
+        self.accepted[b] += is_accepted
+
+
+class AcceptanceModel:
+    """Per request: the probability that a guess is accepted, learnt from the
+    verdicts so far, by its *depth* (1 for the first guess after a token the
+    target chose itself, d for one following d - 1 accepted guesses: copying
+    runs long, so the rate rises with depth) and by the draft's confidence
+    (how informative it is, the verdicts tell). The two combine as factors
+    on the request's overall rate, which starts at PRIOR_RATE (optimistic, so
+    that the first pipeline pass is speculated: a useless draft is found out
+    after a handful of guesses). An uninformative confidence (a synthetic
+    draft's constant, a model's flat top probability) so changes nothing,
+    while an informative one keeps unlikely guesses out of the pipeline."""
+
+    __slots__ = ("_by_depth", "_by_confidence")
+
+    def __init__(self) -> None:
+        self._by_depth = _Rates(len(DEPTH_BINS))
+        self._by_confidence = _Rates(NUM_BINS)
+
+    @staticmethod
+    def _confidence_bin(confidence: float) -> int:
+        return min(NUM_BINS - 1, max(0, int(confidence * NUM_BINS)))
+
+    @staticmethod
+    def _depth_bin(depth: int) -> int:
+        return next(i for i, top in enumerate(DEPTH_BINS) if depth <= top)
 
     @property
-    def value(self) -> float:
-        return min(1.0, max(0.0, self._config.confidence_cutoff + self._adjust))
+    def overall(self) -> float:
+        counts = self._by_depth
+        return (sum(counts.accepted) + PRIOR_RATE * PRIOR_WEIGHT) / (sum(counts.tried) + PRIOR_WEIGHT)
 
-    def on_idle(self) -> None:
-        self._adjust = max(self._adjust - self._config.cutoff_recovery, -1.0)
+    def probability(self, confidence: float, depth: int = 1) -> float:
+        overall = self.overall
+        by_depth = self._by_depth.rate(self._depth_bin(depth), overall)
+        by_confidence = self._by_confidence.rate(self._confidence_bin(confidence), overall)
+        return min(1.0, by_depth * by_confidence / overall)
 
-    def on_rejection(self) -> None:
-        self._adjust = min(self._adjust + self._config.cutoff_decay, 1.0)
+    def observe(self, confidence: float, is_accepted: bool, depth: int = 1) -> None:
+        self._by_depth.observe(self._depth_bin(depth), is_accepted)
+        self._by_confidence.observe(self._confidence_bin(confidence), is_accepted)
 
-    def on_acceptance(self) -> None:
-        self._adjust = 0.0
+
+class RunCost:
+    """How long a pipeline pass takes for a run of n tokens, a + b * n, fit
+    by least squares over the last RUN_COST_SAMPLES root runs of decode size
+    (a root run is launched into an idle chain: nothing of its own queues
+    before it). b / a is what a guess more in a run costs, as a share of the
+    pass it can save."""
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[int, float]] = deque(maxlen=RUN_COST_SAMPLES)
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        self._samples.append((num_tokens, seconds))
+
+    def token_share(self) -> float:
+        """b / a, once runs of two sizes were seen (else DEFAULT_TOKEN_COST)."""
+        n = len(self._samples)
+        xs = [x for x, _ in self._samples]
+        if n < 4 or min(xs) == max(xs):
+            return DEFAULT_TOKEN_COST
+        mean_x = sum(xs) / n
+        mean_y = sum(y for _, y in self._samples) / n
+        b = sum((x - mean_x) * (y - mean_y) for x, y in self._samples) / sum((x - mean_x) ** 2 for x in xs)
+        a = mean_y - b * mean_x
+        return min(1.0, max(0.0, b / a)) if a > 0 else DEFAULT_TOKEN_COST

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
+from compute.stage_model import DTYPES
+from draft_models import load_draft
+from pipeline.drafter import Drafter, local_drafter
 from pipeline.trace import StageSpan
 from pipeline.types import Delivery, KVOp, Run
 
@@ -25,12 +29,13 @@ class Transport(Protocol):
       stage could not apply a sequence's KV op, a PipelineFailed when every
       sequence's state is lost (a stage process died).
 
-    Transports subclass it for the defaults below: real time, and a
-    coordinator that runs its own loop thread. The simulator overrides them:
-    it owns the clock, steps the coordinator and charges the draft's time.
+    Transports subclass it for the defaults below: real time, a coordinator
+    that runs its own loop thread, a draft beside it. The simulator overrides
+    them: it owns the clock, steps the coordinator and times the draft.
     """
 
     num_stages: int
+    num_layers: int  # decoder layers over all stages (the modelled cluster's, when simulated)
     clock: Callable[[], float] = staticmethod(time.perf_counter)
     drives_coordinator: bool = False
 
@@ -38,8 +43,12 @@ class Transport(Protocol):
         """Run the coordinator's loop (only where drives_coordinator is True)."""
         raise NotImplementedError
 
-    def charge_draft(self, draft, num_tokens: int) -> None:
-        """The draft just guessed num_tokens tokens (their cost is real time here)."""
+    draft_cores: list[int] | None = None  # the draft's own cores, where it shares this machine
+
+    def drafter(self, spec: str, model_dir: Path, dtype: str) -> Drafter:
+        """Where the draft runs: inline when it costs nothing, else on a
+        thread of its own beside the coordinator (on draft_cores)."""
+        return local_drafter(load_draft(spec, model_dir, DTYPES[dtype], show_progress=False), self.draft_cores)
 
     def start(self, on_result: ResultSink) -> None: ...
 

@@ -103,6 +103,9 @@ class GenerationStats:
     num_draft_tokens: int = 0  # draft tokens submitted for verification
     num_accepted_tokens: int = 0  # of those, accepted by the target
     num_verify_steps: int = 0  # results that produced tokens
+    draft_calls: int = 0  # batches of guesses the drafter made for it
+    draft_guesses: int = 0  # guesses in them
+    draft_s: float = 0.0  # the draft's compute for them
     elapsed_s: float = 0.0
     first_token_s: float | None = None
     cancelled_run_ids: list[int] = field(default_factory=list)  # for the benchmark's wasted-compute figure

@@ -94,7 +94,8 @@ def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
         # Off the event loop: with Ray these ask every stage actor.
         state = await asyncio.to_thread(lambda: host.state)
         stages = await asyncio.to_thread(_stage_stats_or_none, host)
-        body = Health(status=state, stages=stages, detail=host.error)
+        draft = host.engine.draft_where() if host.engine is not None else None
+        body = Health(status=state, stages=stages, draft=draft, detail=host.error)
         return JSONResponse(body.model_dump(), status_code=200 if state == "ok" else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)

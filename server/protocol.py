@@ -233,4 +233,5 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "loading", "unhealthy", "failed"]
     stages: list[dict[str, Any]] = Field(default_factory=list)
+    draft: dict[str, Any] | None = None  # where the draft runs: {"runs_on": ..., "node_id": ..., ...}
     detail: str | None = None

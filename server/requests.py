@@ -54,8 +54,7 @@ def prepare_chat(body: ChatCompletionRequest, engine: Engine) -> PreparedRequest
     if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
     messages = [{"role": m.role, "content": _message_text(m.content, i)} for i, m in enumerate(body.messages)]
-    text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    prompt_ids = engine.encode_chat(messages)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_context - len(prompt_ids))
     return _prepare(body, engine, prompt_ids, max_tokens, param)

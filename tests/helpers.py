@@ -24,12 +24,12 @@ import torch
 from scipy.stats import chisquare
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compute.model_source import load_config
 from draft_models import DraftModel
 from pipeline.coordinator import STALL_TIMEOUT_S
+from pipeline.drafter import Drafter, local_drafter
 from pipeline.engine import Engine, EngineConfig
 from pipeline.local_transport import LocalTransport
-from pipeline.partition import even_plans
+from pipeline.partition import balanced_plans
 from pipeline.speculation import SpeculationConfig
 from pipeline.stage import Stage
 from pipeline.types import Mode
@@ -108,15 +108,16 @@ def _load_reference(model_dir: Path):
     return _REFERENCES[model_dir]
 
 
-def load_engine(model: Path | str, draft: str | DraftModel = "none", stages: int = 1,
+def load_engine(model: Path | str, draft: str | DraftModel | Drafter = "none", stages: int = 1,
                 mode: Mode | str = Mode.PIPEINFER, layer_delay=None, stall_timeout_s: float = STALL_TIMEOUT_S,
                 **speculation) -> Engine:
-    """An engine on local stages; a draft given as an object is assembled in by hand."""
+    """An engine on local stages; a draft (or drafter) given as an object is assembled in by hand."""
     spec = SpeculationConfig(mode=Mode(mode), **speculation)
     if not isinstance(draft, (str, Path)):
-        plans = even_plans(load_config(model).num_hidden_layers, stages)
+        plans = balanced_plans(model, stages)
         transport = LocalTransport([Stage.load(model, plans, i, "float32") for i in range(stages)], layer_delay)
-        return Engine(Path(model), transport, draft, spec, stall_timeout_s=stall_timeout_s)
+        drafter = local_drafter(draft) if hasattr(draft, "propose") else draft
+        return Engine(Path(model), transport, drafter, spec, stall_timeout_s=stall_timeout_s)
     config = EngineConfig(model=str(model), draft=str(draft), num_stages=stages, speculation=spec)
     return Engine.load(config, layer_delay=layer_delay, show_progress=False, stall_timeout_s=stall_timeout_s)
 

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from cluster.layout import balanced_ranges, model_costs, plan_layout
+from cluster.layout import plan_layout
 from cluster.spec import SpecError, load_spec
 from cluster.up import engine_config, plan
 from draft_models import DraftSpecError
 from draft_models.spec import DRAFT_KINDS
+from pipeline.partition import balanced_ranges, model_costs
 from tests.compute.test_stage_model import full_model_bytes
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -48,8 +48,9 @@ def is_running(pid: int) -> bool:
 def two_node_cluster():
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 0, "object_store_memory": SMALL_OBJECT_STORE})
-    nodes = {name: cluster.add_node(num_cpus=1, resources={name: 1}, object_store_memory=SMALL_OBJECT_STORE)
-             for name in ("node_a", "node_b")}
+    # node_a has room for stage 0 and the draft's actor beside it (draft_stage 0).
+    nodes = {name: cluster.add_node(num_cpus=cpus, resources={name: 1}, object_store_memory=SMALL_OBJECT_STORE)
+             for name, cpus in (("node_a", 2), ("node_b", 1))}
     cluster.wait_for_nodes()
     yield cluster, {name: node.node_id for name, node in nodes.items()}
     cluster.shutdown()
@@ -80,6 +81,14 @@ gateway:
     assert plan.returncode == 0, plan.stderr
     assert "0-2" in plan.stdout and "node_a=1" in plan.stdout
 
+    # A draft asking for a node the cluster does not have: `up` fails at once, saying so, and stops its driver.
+    unplaceable = tmp_path / "unplaceable.yaml"
+    unplaceable.write_text(spec.read_text() + "draft_resources: {node_c: 1}\n")
+    failed = cli("up", str(unplaceable), env=env)
+    assert failed.returncode != 0
+    assert "no node of the cluster can hold the draft's actor" in failed.stderr, failed.stdout + failed.stderr
+    assert not (tmp_path / "cache" / "deployments" / "two-nodes-test.json").exists()
+
     up = cli("up", str(spec), env=env)
     assert up.returncode == 0, up.stdout + up.stderr
     assert f"http://127.0.0.1:{port}/v1" in up.stdout
@@ -90,6 +99,9 @@ gateway:
         assert [s["layers"] for s in stages] == [[0, 2], [2, 4]]
         for s in stages:
             assert s["node_id"][:12] in up.stdout  # the printed stage map
+        draft = health["draft"]  # an actor of its own, on draft_stage's node
+        assert draft["runs_on"] == "ray actor" and draft["node_id"] == node_ids["node_a"]
+        assert draft["pid"] not in [s["pid"] for s in stages]
 
         prompt = "The capital of France is"
         body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
@@ -106,6 +118,7 @@ gateway:
     assert down.returncode == 0, down.stderr
     assert not is_running(driver_pid)
     assert all(not is_running(s["pid"]) for s in stages), "a stage actor outlived `pipeinfer down`"
+    assert not is_running(draft["pid"]), "the draft's actor outlived `pipeinfer down`"
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
     # Only what `up` started is gone: the cluster's own nodes still run.

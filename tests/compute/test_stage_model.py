@@ -11,12 +11,18 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from compute.line_kv import DraftKV
 from compute.model_source import ModelSourceError, resolve_model
 from compute.stage_model import StageModel
-from pipeline.partition import even_plans
+
+
+def even_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
+    """Contiguous ranges, sizes differing by at most one: any split must compute the same."""
+    base, extra = divmod(num_layers, num_stages)
+    ends = [sum(base + (i < extra) for i in range(k + 1)) for k in range(num_stages)]
+    return list(zip([0, *ends[:-1]], ends))
 
 
 def load_stages(model_dir, num_stages: int) -> list[StageModel]:
     num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    ranges = [(p.layer_start, p.layer_end) for p in even_plans(num_layers, num_stages)]
+    ranges = even_ranges(num_layers, num_stages)
     return [StageModel.load(model_dir, a, b, with_embed=i == 0, with_head=i == len(ranges) - 1)
             for i, (a, b) in enumerate(ranges)]
 
@@ -30,7 +36,7 @@ def full_model_bytes(model_dir) -> int:
 def test_stages_hold_only_their_layers_and_sum_to_the_model(tiny_target, num_stages):
     stages = load_stages(tiny_target, num_stages)
     assert sum(s.parameter_bytes() for s in stages) == full_model_bytes(tiny_target)
-    for index, (stage, (start, end)) in enumerate(zip(stages, [(p.layer_start, p.layer_end) for p in even_plans(4, num_stages)])):
+    for index, (stage, (start, end)) in enumerate(zip(stages, even_ranges(4, num_stages))):
         assert (stage.layer_start, stage.layer_end) == (start, end)
         assert len(stage.layers) == end - start
         assert stage.is_first == (index == 0) and stage.is_last == (index == num_stages - 1)

@@ -17,15 +17,15 @@ GREEDY = SamplingParams()
 def test_ngram_continues_after_the_last_earlier_match():
     draft = NGramDraft(max_ngram=3)
     tokens = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3]
-    assert draft.propose(0, tokens, 3, GREEDY, 0.9, None).token_ids == [4, 5, 9]
-    assert draft.propose(0, tokens, 2, GREEDY, 0.9, None).token_ids == [4, 5]
-    assert draft.propose(0, [1, 2, 3], 4, GREEDY, 0.0, None).token_ids == []  # nothing seen before
+    assert draft.propose(0, tokens, 3, GREEDY, None).token_ids == [4, 5, 9]
+    assert draft.propose(0, tokens, 2, GREEDY, None).token_ids == [4, 5]
+    assert draft.propose(0, [1, 2, 3], 4, GREEDY, None).token_ids == []  # nothing seen before
     # Falls back to a shorter n-gram: only the final token [7] recurs.
-    assert draft.propose(0, [7, 8, 1, 7], 2, GREEDY, 0.0, None).token_ids == [8, 1]
+    assert draft.propose(0, [7, 8, 1, 7], 2, GREEDY, None).token_ids == [8, 1]
 
 
 def test_no_draft_never_guesses():
-    assert NoDraft().propose(0, [1, 2, 1, 2], 4, GREEDY, 0.0, None).token_ids == []
+    assert NoDraft().propose(0, [1, 2, 1, 2], 4, GREEDY, None).token_ids == []
 
 
 def test_self_draft_proposes_the_targets_greedy_tokens(tiny_target):
@@ -34,16 +34,26 @@ def test_self_draft_proposes_the_targets_greedy_tokens(tiny_target):
     draft = load_draft(str(tiny_target), tiny_target)
     prompt = [4, 40, 44]
     expected = greedy_reference(tiny_target, prompt, 8)
-    assert draft.propose(0, prompt, 8, GREEDY, 0.0, None).token_ids == expected
-    assert draft.propose(0, prompt + expected[:3], 5, GREEDY, 0.0, None).token_ids == expected[3:8]
-    assert draft.propose(0, prompt + expected[:1], 2, GREEDY, 0.0, None).token_ids == expected[1:3]
+    assert draft.propose(0, prompt, 8, GREEDY, None).token_ids == expected
+    assert draft.propose(0, prompt + expected[:3], 5, GREEDY, None).token_ids == expected[3:8]
+    assert draft.propose(0, prompt + expected[:1], 2, GREEDY, None).token_ids == expected[1:3]
     draft.release(0)
 
 
-def test_confidence_cutoff_stops_drafting(tiny_target):
-    draft = load_draft("layers:2", tiny_target)
-    assert draft.propose(0, [4, 5], 6, GREEDY, 1.01, None).token_ids == []
-    assert len(draft.propose(1, [4, 5], 6, GREEDY, 0.0, None).token_ids) == 6
+def test_a_model_draft_reports_its_top_probability_as_confidence(tiny_target):
+    proposal = load_draft("layers:2", tiny_target).propose(1, [4, 5], 6, GREEDY, None)
+    assert len(proposal.token_ids) == len(proposal.confidences) == 6
+    assert all(0.0 < c <= 1.0 for c in proposal.confidences)
+
+
+def test_ngram_confidence_follows_its_match_statistics():
+    draft = NGramDraft(max_ngram=3)
+    # [1, 2, 3] occurred twice before, both times followed by 4, then by 5 and 6 once each.
+    proposal = draft.propose(0, [1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 6, 0, 1, 2, 3], 3, GREEDY, None)
+    assert proposal.token_ids == [4, 6, 0]
+    assert proposal.confidences == pytest.approx([2 / 3, 1 / 3, 1 / 3])
+    shorter = draft.propose(0, [7, 8, 1, 7], 1, GREEDY, None)  # a 1-gram match: weaker evidence
+    assert shorter.confidences == pytest.approx([1 / 2 * 1 / 3])
 
 
 @pytest.mark.parametrize("spec,kind,num_layers", [("layers:2", ModelDraft, 2), ("int8", ModelDraft, 4),

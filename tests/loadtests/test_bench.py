@@ -74,7 +74,7 @@ def test_prompt_files(tmp_path):
     assert load_prompts(lines) == ("first prompt", "second\nline two")
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
-    with pytest.raises(ValueError, match=r"p.jsonl:2: expected a JSON object with a \"prompt\" string"):
+    with pytest.raises(ValueError, match=r"p.jsonl:2: expected a JSON object with a non-empty \"prompt\" string"):
         load_prompts(bad)
 
 
@@ -83,3 +83,43 @@ def test_bad_bench_arguments_are_clear_errors(capsys, tiny_text_model):
     assert "--modes takes ar, sync, pipeinfer" in capsys.readouterr().err
     assert main(["bench", "--model", str(tiny_text_model), "--simulate", "moon"]) == 2
     assert "unknown simulation profile 'moon'" in capsys.readouterr().err
+
+
+def test_shipped_prompt_sets_are_conversations(tiny_text_model):
+    from loadtests.bench import PROMPT_SETS, encode_prompt
+    from tests.helpers import load_engine
+
+    with load_engine(tiny_text_model) as engine:
+        for name in PROMPT_SETS:
+            prompts = load_prompts(name)
+            assert len(prompts) >= 8 and all(isinstance(p, tuple) and p[0][0] == "user" for p in prompts)
+            ids = encode_prompt(engine, prompts[0])
+            assert engine.decode(ids).endswith("assistant\n")  # ready for the assistant's turn
+    with pytest.raises(ValueError, match="shipped sets: extractive, chat"):
+        load_prompts("nonsense")
+
+
+def test_calibrated_profile_replays_the_run_it_was_measured_on(tmp_path, eight_layer_text_model):
+    """--calibrate on a run whose costs are known exactly (a simulated
+    cluster): the fitted profile recovers the stage costs, and replaying it
+    gives each mode's tokens/s within 15% (the issue's bar for a real run)."""
+    from pipeline.sim_profiles import PROFILES, get_profile
+
+    measured, replayed = tmp_path / "measured", tmp_path / "replayed"
+    common = ["bench", "--model", str(eight_layer_text_model), "--draft", "synthetic:0.8", "--max-tokens", "24",
+              "--repeat", "1"]
+    assert main([*common, "--simulate", "pipeinfer-2024", "--calibrate", "--out", str(measured)]) == 0
+    first = json.loads((measured / "results.json").read_text())
+    assert first["files"]["profile"] == "profile.json"
+    profile, source = get_profile(str(measured / "profile.json")), PROFILES["pipeinfer-2024"]
+    assert profile.num_stages == source.num_stages == 8
+    for stage in range(profile.num_stages):
+        for num_tokens in (1, 4):
+            assert profile.stage_time_s(stage, num_tokens) == pytest.approx(source.stage_time_s(stage, num_tokens),
+                                                                           rel=0.02)
+    assert profile.draft_token_s == pytest.approx(source.draft_call_s / 2 + source.draft_token_s, rel=0.05)
+    assert main([*common, "--simulate", str(measured / "profile.json"), "--out", str(replayed)]) == 0
+    second = json.loads((replayed / "results.json").read_text())
+    for mode in ("ar", "sync", "pipeinfer"):
+        ratio = second["modes"][mode]["tokens_per_s"] / first["modes"][mode]["tokens_per_s"]
+        assert 0.85 <= ratio <= 1.15, (mode, ratio)

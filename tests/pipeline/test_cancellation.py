@@ -40,7 +40,7 @@ def test_cancel_reaches_a_run_mid_forward_in_the_pipeline(tiny_target, unrelated
     prompt = [11, 12, 13]
     slow_last_stage = lambda stage, layer: 0.02 if stage == 1 else 0.0  # noqa: E731
     with load_engine(tiny_target, str(unrelated_draft), 2, "pipeinfer", layer_delay=slow_last_stage,
-                     confidence_cutoff=0.0, max_runs_in_flight=3) as engine:
+                     min_accept_prob=0.0, max_runs_in_flight=3) as engine:
         out = engine.complete(GenerationRequest(tuple(prompt), 12))
         stopped = sum(s.counters.num_runs_stopped_mid_forward for s in engine.stages)
         skipped = sum(s.counters.num_runs_skipped for s in engine.stages)
@@ -56,7 +56,7 @@ def test_random_stage_delays_never_change_the_output(tiny_target, unrelated_draf
     jitter = lambda stage, layer: per_stage[stage] * rng.random() * 2  # noqa: E731
     draft = [str(unrelated_draft), "ngram", "layers:2"][delay_seed % 3]
     prompt = [20, 21, 22, 20, 21]
-    with load_engine(tiny_target, draft, 3, "pipeinfer", layer_delay=jitter, confidence_cutoff=0.0) as engine:
+    with load_engine(tiny_target, draft, 3, "pipeinfer", layer_delay=jitter, min_accept_prob=0.0) as engine:
         out = engine.complete(GenerationRequest(tuple(prompt), 20))
         engine_stages = engine.stages
         assert out.token_ids == greedy_reference(tiny_target, prompt, 20)
@@ -66,7 +66,7 @@ def test_random_stage_delays_never_change_the_output(tiny_target, unrelated_draf
 
 
 def test_all_kv_is_freed_after_requests(tiny_target, unrelated_draft):
-    with load_engine(tiny_target, str(unrelated_draft), 2, "pipeinfer", confidence_cutoff=0.0) as engine:
+    with load_engine(tiny_target, str(unrelated_draft), 2, "pipeinfer", min_accept_prob=0.0) as engine:
         for prompt in ([1, 2, 3], [4, 5]):
             engine.complete(GenerationRequest(tuple(prompt), 10))
         # FreeSequence travels behind the last run; give the stages a moment to apply it.

@@ -28,7 +28,7 @@ def test_concurrent_requests_each_equal_their_own_greedy_output(tiny_target, mod
     prompts = [[3, 4, 5], [60, 61], [7, 7, 7, 7], [90], [12, 40, 12, 40, 12]]
     lengths = [10, 17, 5, 20, 13]
     outputs: dict[int, list[int]] = {}
-    with load_engine(tiny_target, "layers:2", 2, mode, confidence_cutoff=0.0) as engine:
+    with load_engine(tiny_target, "layers:2", 2, mode, min_accept_prob=0.0) as engine:
         def worker(i):
             outputs[i] = engine.complete(GenerationRequest(tuple(prompts[i]), lengths[i])).token_ids
 

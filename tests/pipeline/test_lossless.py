@@ -7,6 +7,7 @@ gives the same text in every mode, draft and timing."""
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from compute.sampling import coupled_token, sampling_probs
 from compute.types import GenerationRequest, SamplingParams
+from pipeline.drafter import ThreadDrafter
 from pipeline.types import Mode
 from tests.helpers import (
     TINY_VOCAB,
@@ -57,7 +59,7 @@ def test_tiny_models_equal_target_greedy(tiny_targets, unrelated_draft, data):
     speculation = {
         "draft_len": data.draw(st.integers(1, 6), label="draft_len"),
         "max_runs_in_flight": data.draw(st.integers(1, 5), label="max_in_flight"),
-        "confidence_cutoff": data.draw(st.sampled_from([0.0, 0.3, 0.9]), label="cutoff"),
+        "min_accept_prob": data.draw(st.sampled_from([0.0, 0.15, 0.9]), label="min_accept_prob"),
     }
     delay_seed = data.draw(st.one_of(st.none(), st.integers(0, 1000)), label="delay_seed")
     layer_delay = None
@@ -81,7 +83,7 @@ def test_extreme_drafts_all_stage_counts(tiny_target, unrelated_draft, mode, dra
     expected = reference(tiny_target, prompt, REFERENCE_LEN)
     for stages in (1, 2, 3, 4):
         with load_engine(tiny_target, draft_spec(draft, tiny_target, unrelated_draft), stages, mode,
-                         confidence_cutoff=0.0) as engine:
+                         min_accept_prob=0.0) as engine:
             out = engine.complete(GenerationRequest(tuple(prompt), REFERENCE_LEN))
         assert out.token_ids == expected, (stages, out.stats)
         if draft == "self" and mode != "ar":
@@ -146,7 +148,7 @@ def test_engine_sampling_follows_the_target_distribution(tiny_vocab_model, tmp_p
     with torch.no_grad():
         p_first = sampling_probs(reference(torch.tensor([prompt])).logits[0, -1], params)
     counts = np.zeros(8)
-    with load_engine(tiny_vocab_model, str(draft), 2, mode, confidence_cutoff=0.0, draft_len=3) as engine:
+    with load_engine(tiny_vocab_model, str(draft), 2, mode, min_accept_prob=0.0, draft_len=3) as engine:
         for _ in range(1500):
             out = engine.complete(GenerationRequest(tuple(prompt), 2, params))
             counts[out.token_ids[0]] += 1
@@ -175,6 +177,44 @@ def test_seeded_sampling_is_identical_in_every_mode_draft_and_timing(tiny_target
         for draft in ("none", "ngram", "layers:2", str(unrelated_draft), str(tiny_target)):
             stages = rng.randint(1, 4)
             delay = lambda stage, layer: rng.random() * 0.002  # noqa: E731
-            with load_engine(tiny_target, draft, stages, mode, layer_delay=delay, confidence_cutoff=0.0) as engine:
+            with load_engine(tiny_target, draft, stages, mode, layer_delay=delay, min_accept_prob=0.0) as engine:
                 out = engine.complete(GenerationRequest(tuple(prompt), 16, params))
             assert out.token_ids == expected, (mode, draft, stages)
+
+
+class DelayedDraft:
+    """A real draft whose guesses take a random while: the drafter thread
+    delivers them at random moments relative to the results."""
+
+    is_free = False
+
+    def __init__(self, draft, seed: int) -> None:
+        self.name, self._draft, self._rng = f"delayed {draft.name}", draft, random.Random(seed)
+
+    def propose(self, *args):
+        time.sleep(self._rng.random() * 0.004)
+        return self._draft.propose(*args)
+
+    def release(self, seq_id) -> None:
+        self._draft.release(seq_id)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_draft_worker_at_random_speeds_changes_no_token(tiny_target, unrelated_draft, seed):
+    """Greedy and seeded text are the target's own, whatever the draft's timing."""
+    from draft_models import load_draft
+
+    prompt = [9, 8, 7, 9, 8]
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=seed)
+    expected = {"greedy": greedy_reference(tiny_target, prompt, 20),
+                "seeded": coupled_reference(tiny_target, prompt, 20, seeded)}
+    rng = random.Random(seed)
+    for mode in ("sync", "pipeinfer"):
+        for draft in (str(tiny_target), str(unrelated_draft), "layers:2"):
+            delayed = ThreadDrafter(DelayedDraft(load_draft(draft, tiny_target), seed))
+            delay = lambda stage, layer: rng.random() * 0.002  # noqa: E731
+            with load_engine(tiny_target, delayed, rng.randint(1, 3), mode, layer_delay=delay,
+                             min_accept_prob=0.0) as engine:
+                for name, sampling in (("greedy", SamplingParams()), ("seeded", seeded)):
+                    out = engine.complete(GenerationRequest(tuple(prompt), 20, sampling))
+                    assert out.token_ids == expected[name], (mode, draft, name)

@@ -1,4 +1,5 @@
-"""Stages as MPI ranks: `mpiexec -n STAGES+1 pipeinfer generate --transport mpi`."""
+"""Stages as MPI ranks: `mpiexec -n STAGES+1 pipeinfer generate --transport
+mpi` (STAGES+2 with a draft that computes: it gets a rank of its own)."""
 
 from __future__ import annotations
 
@@ -17,22 +18,24 @@ pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 
 
-def mpi_generate(num_stages: int, *args: str) -> dict:
-    command = [str(BIN / "mpiexec"), "-n", str(num_stages + 1), str(BIN / "pipeinfer"), "generate",
+def mpi_generate(num_stages: int, num_ranks: int, *args: str) -> dict:
+    command = [str(BIN / "mpiexec"), "-n", str(num_ranks), str(BIN / "pipeinfer"), "generate",
                "--transport", "mpi", "--stages", str(num_stages), "--json", *args]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mode,draft", [("ar", "none"), ("sync", "layers:2"), ("pipeinfer", "layers:1")])
+@pytest.mark.parametrize("mode,draft", [("ar", "none"), ("sync", "layers:2"), ("pipeinfer", "layers:1"),
+                                        ("pipeinfer", "ngram")])
 def test_mpi_ranks_are_lossless(tiny_text_model, mode, draft):
     prompt = "Once upon a time there was"
-    result = mpi_generate(2, "--model", str(tiny_text_model), "--mode", mode, "--draft", draft, "--prompt", prompt,
-                          "--max-tokens", "16", "--ignore-eos", "--cutoff", "0")
+    num_ranks = 3 if draft in ("none", "ngram") else 4  # a model draft drafts on its own rank
+    result = mpi_generate(2, num_ranks, "--model", str(tiny_text_model), "--mode", mode, "--draft", draft, "--prompt", prompt,
+                          "--max-tokens", "16", "--ignore-eos", "--min-accept-prob", "0")
     ids = AutoTokenizer.from_pretrained(tiny_text_model).encode(prompt)
     assert result["token_ids"] == greedy_reference(tiny_text_model, ids, 16)
-    if mode != "ar":
+    if mode != "ar" and draft != "ngram":  # (this prompt's text never repeats: n-gram lookup finds nothing)
         assert result["stats"]["num_draft_tokens"] > 0
 
 
@@ -42,3 +45,6 @@ def test_wrong_rank_count_is_explained(tiny_text_model):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "--stages 2 needs 3 MPI ranks (coordinator + stages), got 2" in proc.stderr
+    proc = subprocess.run(command[:-2] + ["--draft", "layers:1", "--prompt", "x"], capture_output=True, text=True,
+                          timeout=300)
+    assert "--stages 2 needs 4 MPI ranks (coordinator + stages + the draft), got 2" in proc.stderr

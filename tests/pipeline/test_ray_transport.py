@@ -13,9 +13,9 @@ import pytest
 import ray
 
 from compute.types import GenerationRequest
-from draft_models import load_draft
+from draft_models import parse_draft
 from pipeline.engine import Engine, GenerationError
-from pipeline.partition import even_plans
+from pipeline.partition import StagePlan, balanced_plans
 from pipeline.ray_cluster import RayCluster
 from pipeline.ray_transport import RayTransport
 from pipeline.speculation import SpeculationConfig
@@ -34,16 +34,20 @@ def local_ray():
 
 
 def ray_engine(model_dir, draft, stages, mode, layer_delay_s=0.0, **speculation):
-    """An Engine over a RayTransport (optionally with slow layers)."""
-    transport = RayTransport(str(model_dir), even_plans(4, stages), layer_delay_s=layer_delay_s)
-    return Engine(model_dir, transport, load_draft(draft, model_dir), SpeculationConfig(mode=Mode(mode), **speculation))
+    """An Engine over a RayTransport (optionally with slow layers); a draft
+    that computes runs in an actor of its own."""
+    draft_plan = None if parse_draft(draft).is_free else StagePlan(0, 0)
+    transport = RayTransport(str(model_dir), balanced_plans(model_dir, stages), layer_delay_s=layer_delay_s,
+                             draft_plan=draft_plan)
+    return Engine(model_dir, transport, transport.drafter(draft, model_dir, "float32"),
+                  SpeculationConfig(mode=Mode(mode), **speculation))
 
 
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("mode", ["ar", "sync", "pipeinfer"])
 def test_ray_stages_are_lossless(tiny_target, unrelated_draft, stages, mode):
     draft = {"ar": "none", "sync": str(tiny_target), "pipeinfer": str(unrelated_draft)}[mode]
-    with ray_engine(tiny_target, draft, stages, mode, confidence_cutoff=0.0) as engine:
+    with ray_engine(tiny_target, draft, stages, mode, min_accept_prob=0.0) as engine:
         for prompt, max_tokens in (([3, 4, 5], 17), ([50, 51, 50, 51], 9)):
             out = engine.complete(GenerationRequest(tuple(prompt), max_tokens))
             assert out.token_ids == greedy_reference(tiny_target, prompt, max_tokens), (stages, mode)
@@ -61,7 +65,7 @@ def test_actors_are_processes_holding_only_their_layers(tiny_target):
 def test_cancellation_reaches_a_stage_mid_forward(tiny_target, unrelated_draft):
     """Slow layers (20 ms each): a refuted speculative run is stopped between layers."""
     with ray_engine(tiny_target, str(unrelated_draft), 2, "pipeinfer", layer_delay_s=0.02,
-                    confidence_cutoff=0.0, max_runs_in_flight=3) as engine:
+                    min_accept_prob=0.0, max_runs_in_flight=3) as engine:
         out = engine.complete(GenerationRequest((11, 12, 13), 10))
         stats = engine.stage_stats()
     assert out.token_ids == greedy_reference(tiny_target, [11, 12, 13], 10)
@@ -73,7 +77,7 @@ def test_eight_concurrent_requests(tiny_target):
     prompts = [[i + 2, 2 * i + 3, 40 + i][: 1 + i % 3] for i in range(8)]
     lengths = [5 + 3 * i for i in range(8)]
     outputs: dict[int, list[int]] = {}
-    with ray_engine(tiny_target, "layers:2", 2, "pipeinfer", confidence_cutoff=0.0) as engine:
+    with ray_engine(tiny_target, "layers:2", 2, "pipeinfer", min_accept_prob=0.0) as engine:
         def work(i):
             outputs[i] = engine.complete(GenerationRequest(tuple(prompts[i]), lengths[i])).token_ids
 

@@ -1,58 +1,114 @@
-"""Adaptive speculation: the cutoff relaxes while the pipeline waits, tightens after rejections."""
+"""Speculation that adapts to the acceptance measured per request: a useless
+draft turns it off (but keeps probing), a good one goes deep, and the
+draft's confidence is used as far as it proves informative."""
 
 from __future__ import annotations
 
 import pytest
 
-from compute.types import GenerationRequest
+from compute.types import GenerationRequest, SamplingParams
+from draft_models import load_draft
 from draft_models.base import DraftProposal
-from pipeline.speculation import AdaptiveCutoff, SpeculationConfig
-from tests.helpers import load_engine
+from pipeline.speculation import EXPLORE_EVERY, AcceptanceModel, SpeculationConfig
+from tests.helpers import greedy_reference, load_engine
 
 
-def test_cutoff_relaxes_tightens_and_resets():
-    cutoff = AdaptiveCutoff(SpeculationConfig(confidence_cutoff=0.4, cutoff_recovery=0.05, cutoff_decay=0.1))
-    assert cutoff.value == pytest.approx(0.4)
-    cutoff.on_idle()
-    cutoff.on_idle()
-    assert cutoff.value == pytest.approx(0.3)  # waiting: draft more eagerly
-    for _ in range(3):
-        cutoff.on_rejection()
-    assert cutoff.value == pytest.approx(0.6)  # wrong guesses: draft less
-    cutoff.on_acceptance()
-    assert cutoff.value == pytest.approx(0.4)
-    for _ in range(50):
-        cutoff.on_rejection()
-    assert cutoff.value == 1.0  # clamped
+def test_an_uninformative_confidence_gives_the_overall_rate():
+    model = AcceptanceModel()
+    assert model.probability(0.5) == pytest.approx(0.8)  # no evidence yet: optimistic, so speculation starts
+    for i in range(100):
+        model.observe(0.7, is_accepted=i % 10 < 3)
+    assert model.probability(0.7) == pytest.approx(0.3, abs=0.02)
+    assert model.probability(0.1) == pytest.approx(0.3, abs=0.02)  # an empty bin leans on the overall rate
 
 
-@pytest.mark.parametrize("field,value", [("draft_len", 0), ("max_runs_in_flight", 0), ("confidence_cutoff", 1.5)])
+def test_the_rate_is_learnt_per_depth():
+    """Copying runs long: once a guess lands, the next is likelier to."""
+    model = AcceptanceModel()
+    for i in range(100):
+        model.observe(0.5, is_accepted=i % 10 < 2, depth=1)
+        model.observe(0.5, is_accepted=i % 10 < 9, depth=3)
+    assert model.probability(0.5, depth=1) < 0.3 < 0.8 < model.probability(0.5, depth=3)
+
+
+def test_an_informative_confidence_sorts_the_guesses():
+    model = AcceptanceModel()
+    for _ in range(40):
+        model.observe(0.95, is_accepted=True)
+        model.observe(0.05, is_accepted=False)
+    assert model.probability(0.95) > 0.9 and model.probability(0.05) < 0.1
+
+
+@pytest.mark.parametrize("field,value", [("draft_len", 0), ("max_runs_in_flight", 0), ("min_accept_prob", 1.5)])
 def test_bad_speculation_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         SpeculationConfig(**{field: value})
 
 
-class CutoffRecordingDraft:
-    """Never guesses; records the cutoff of every call."""
+def test_the_in_flight_cap_follows_the_stages():
+    assert SpeculationConfig().runs_in_flight(4) == 5
+    assert SpeculationConfig(max_runs_in_flight=2).runs_in_flight(4) == 2
 
-    name = "recording"
+
+class ScriptedDraft:
+    """Guesses the target's own greedy tokens, then spoils them by rule:
+    `rule(position) -> (is_right, confidence)`. Free: guesses come at once."""
+
+    name = "scripted"
     is_free = True
 
-    def __init__(self) -> None:
-        self.cutoffs: list[float] = []
+    def __init__(self, target, rule) -> None:
+        self._oracle = load_draft(str(target), target)
+        self._rule = rule
+        self.num_proposed = 0
 
-    def propose(self, seq_id, token_ids, max_tokens, sampling, cutoff, generator) -> DraftProposal:
-        self.cutoffs.append(cutoff)
-        return DraftProposal()
+    def propose(self, seq_id, token_ids, max_tokens, sampling, generator) -> DraftProposal:
+        truth = self._oracle.propose(seq_id, token_ids, max_tokens, SamplingParams(), None).token_ids
+        proposal = DraftProposal()
+        for i, token in enumerate(truth):
+            is_right, confidence = self._rule(len(token_ids) + i)
+            proposal.token_ids.append(token if is_right else (token + 1) % 96)
+            proposal.probs.append(None)
+            proposal.confidences.append(confidence)
+        self.num_proposed += len(proposal.token_ids)
+        return proposal
 
     def release(self, seq_id) -> None:
-        pass
+        self._oracle.release(seq_id)
 
 
-def test_cutoff_scales_with_how_full_the_pipeline_is(tiny_target):
-    """With only the canonical run in flight (1 of 4), a guess needs a quarter
-    of the confidence it needs in a full pipeline: idle stages make it cheap."""
-    draft = CutoffRecordingDraft()
-    with load_engine(tiny_target, draft, mode="pipeinfer", confidence_cutoff=0.4, max_runs_in_flight=4) as engine:
-        engine.complete(GenerationRequest((5, 6, 7), 3))
-    assert draft.cutoffs and draft.cutoffs[0] == pytest.approx(0.4 * 1 / 4)
+def generate(target, draft, prompt, max_tokens, **speculation):
+    """Slow stages (a layer takes 5 ms): guesses come before the results they extend."""
+    with load_engine(target, draft, 2, "pipeinfer", layer_delay=lambda stage, layer: 0.005, **speculation) as engine:
+        out = engine.complete(GenerationRequest(tuple(prompt), max_tokens))
+    assert out.token_ids == greedy_reference(target, prompt, max_tokens)
+    return out.stats
+
+
+def test_a_useless_draft_turns_speculation_off_but_keeps_probing(tiny_target):
+    stats = generate(tiny_target, ScriptedDraft(tiny_target, lambda pos: (False, 0.9)), [5, 6, 7], 96)
+    assert stats.num_accepted_tokens == 0
+    # A few guesses while the acceptance is being measured, then one probe
+    # per EXPLORE_EVERY verifications; never a run per token.
+    assert stats.num_draft_tokens < 96 / EXPLORE_EVERY + 12
+    assert stats.num_draft_tokens >= 96 / EXPLORE_EVERY - 4
+    assert stats.num_runs - 96 <= stats.num_draft_tokens  # a run beyond one per token carries a probe
+
+
+def test_a_good_draft_goes_deep(tiny_target):
+    stats = generate(tiny_target, ScriptedDraft(tiny_target, lambda pos: (True, 0.9)), [5, 6, 7], 96, draft_len=4)
+    assert stats.acceptance_rate > 0.95
+    assert stats.mean_accepted_len > 3  # runs carry draft_len guesses, and they all land
+    assert stats.num_runs < 96 / 3
+
+
+def test_guesses_the_draft_doubts_stay_out_once_its_doubt_proves_right(tiny_target):
+    """Right when it says 0.9, wrong when it says 0.1, at random positions
+    (nothing the depth could tell): once calibrated, no run is launched on a
+    doubtful guess, where the same guesses without a telling confidence waste
+    runs."""
+    is_wrong = lambda pos: hash((pos, 17)) % 4 == 0  # noqa: E731
+    telling = generate(tiny_target, ScriptedDraft(tiny_target, lambda pos: (not is_wrong(pos), 0.1 if is_wrong(pos)
+                                                                              else 0.9)), [5, 6, 7], 150)
+    blind = generate(tiny_target, ScriptedDraft(tiny_target, lambda pos: (not is_wrong(pos), 0.5)), [5, 6, 7], 150)
+    assert telling.num_runs_cancelled < blind.num_runs_cancelled / 2
