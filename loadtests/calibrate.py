@@ -2,7 +2,8 @@
 --calibrate`), so that `--simulate profile.json` replays that very cluster:
 
 - each stage's time for a run of n tokens, a + b * n, fit by least squares
-  on the decode-sized runs every mode computed (its spans);
+  on the decode-sized runs every mode computed (its spans), and for a longer
+  run (a prompt) its median time per token over the prompts computed;
 - one link latency, such that the autoregressive pass (every stage's
   one-token time plus num_stages + 1 hops, the last one back to the
   coordinator) takes what ar's inter-token latency measured: it folds in the
@@ -31,6 +32,8 @@ def calibrate(records: list[ModeRecord], *, name: str, num_stages: int, num_laye
     if ar is None or not any(r.spans for r in ours):
         raise ValueError("--calibrate needs the ar mode and stage spans (the local or Ray transport)")
     stage_costs = tuple(_fit_stage(ours, stage, max_run_tokens) for stage in range(num_stages))
+    prefill_token_s = tuple(_prefill_token_s(ours, stage, max_run_tokens, stage_costs[stage])
+                            for stage in range(num_stages))
     ar_gaps = [gap for t in ar.timings for gap in t.inter_token_latencies_s()]
     pass_s = float(np.median(ar_gaps))
     compute_s = sum(a + b for a, b in stage_costs)
@@ -45,6 +48,7 @@ def calibrate(records: list[ModeRecord], *, name: str, num_stages: int, num_laye
         memory_bandwidth_Bps=1.0, flops=1.0, run_overhead_s=0.0,
         link_latency_s=link_s, link_bandwidth_Bps=MEASURED_BANDWIDTH_BPS,
         draft_token_s=draft_token_s, draft_call_s=0.0, stage_costs=stage_costs,
+        max_decode_tokens=max_run_tokens, prefill_token_s=prefill_token_s,
     )
 
 
@@ -60,3 +64,15 @@ def _fit_stage(records: list[ModeRecord], stage: int, max_run_tokens: int) -> tu
     if b < 0:  # noise on a flat cost: a constant fits better than a falling line
         return float(np.median(y)), 0.0
     return float(a), float(b)
+
+
+def _prefill_token_s(records: list[ModeRecord], stage: int, max_run_tokens: int, decode: tuple[float, float]
+                     ) -> float:
+    """Seconds per token of the runs longer than decode size (prompts); with
+    none seen, the decode fit's (a + b * n) / n at the largest decode size."""
+    per_token = [s.duration_s / s.num_tokens for r in records for s in r.spans
+                 if s.stage == stage and s.outcome == "computed" and s.num_tokens > max_run_tokens]
+    if per_token:
+        return float(np.median(per_token))
+    a, b = decode
+    return a / max_run_tokens + b

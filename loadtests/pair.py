@@ -181,7 +181,7 @@ def make_pair(out_dir: Path, shape: PairShape, draft_layers: int, agreement: flo
 
     eps, measured, num_evaluations = find_eps(evaluate, agreement, tolerance, show_progress)
     damp(model, draft_layers, eps, undamped)
-    del undamped
+    undamped.clear()  # the reference copies: free before saving
     out_dir.mkdir(parents=True, exist_ok=True)
     with _transformers_progress(show_progress):
         model.save_pretrained(out_dir)

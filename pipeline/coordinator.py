@@ -268,7 +268,8 @@ class Coordinator:
         first guess pays for a run (the run threshold), any other for a token
         more in its run (the token threshold; a root run goes anyway).
         -> the guesses and the run's own chance. While no guess is worth it,
-        one probing guess every EXPLORE_EVERY verifications."""
+        the drafter is asked for one probing guess every EXPLORE_EVERY
+        verifications, which the next result judges without a run."""
         load = len(self._seqs)
         run_bar, token_bar = self.config.threshold(self.transport.num_layers, load), self.run_cost.token_share() * load
         chain_value = seq.chain_value
@@ -281,10 +282,6 @@ class Coordinator:
                 break
             value *= p
             taken.append(guess)
-        is_probing = seq.since_judged >= EXPLORE_EVERY and not any(run.is_speculative for run in seq.chain)
-        if not taken and seq.pending and is_probing and self._budget(seq, 1):
-            taken.append(seq.pending[0])
-            value = seq.acceptance.probability(seq.pending[0].confidence, depth - len(seq.pending) + 1)
         for _ in taken:
             seq.pending.popleft()
         return taken, value

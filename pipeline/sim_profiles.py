@@ -39,8 +39,12 @@ class ClusterProfile:
     draft_token_s: float  # one draft forward pass (one token)
     draft_call_s: float  # per propose() call: a round trip to the draft node
     # Measured instead of modelled (a profile calibrated on a real run): per
-    # stage, the seconds of a run of n tokens are a + b * n.
+    # stage, the seconds of a run of n <= max_decode_tokens tokens are a + b * n,
+    # and of a longer one (a prompt) n times its prefill_token_s (computed
+    # as one batch, a prompt's token costs far less than a decode run's).
     stage_costs: tuple[tuple[float, float], ...] = ()
+    max_decode_tokens: int = 0  # 0: a + b * n for every run
+    prefill_token_s: tuple[float, ...] = ()
 
     def layers_of(self, stage: int) -> int:
         base, extra = divmod(self.num_layers, self.num_stages)
@@ -55,6 +59,8 @@ class ClusterProfile:
 
     def stage_time_s(self, stage: int, num_tokens: int) -> float:
         if self.stage_costs:
+            if self.max_decode_tokens and num_tokens > self.max_decode_tokens:
+                return num_tokens * self.prefill_token_s[stage]
             a, b = self.stage_costs[stage]
             return a + b * num_tokens
         return (self.run_overhead_s + self.weight_bytes_of(stage) / self.memory_bandwidth_Bps
@@ -88,6 +94,7 @@ class ClusterProfile:
     def from_dict(cls, data: dict) -> ClusterProfile:
         data = dict(data)
         data["stage_costs"] = tuple(tuple(c) for c in data.get("stage_costs", ()))
+        data["prefill_token_s"] = tuple(data.get("prefill_token_s", ()))
         return cls(**data)
 
 

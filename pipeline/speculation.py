@@ -5,8 +5,9 @@ The chance that a guess becomes a verified token is the product, over it and
 every guess before it in the chain, of each one's acceptance probability.
 pipeinfer mode launches a guess only while that product stays at least a
 threshold: a good draft goes deep, a useless one turns speculation off (one
-guess every EXPLORE_EVERY verifications keeps measuring it, so it comes back
-when the text turns predictable).
+guess every EXPLORE_EVERY verifications, judged by the next result without a
+run of its own, keeps measuring it, so it comes back when the text turns
+predictable).
 
 The thresholds weigh what a guess can win against what it can cost. An
 accepted guess saves a pipeline pass, the time of every layer. A run more

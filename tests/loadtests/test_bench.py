@@ -117,6 +117,9 @@ def test_calibrated_profile_replays_the_run_it_was_measured_on(tmp_path, eight_l
         for num_tokens in (1, 4):
             assert profile.stage_time_s(stage, num_tokens) == pytest.approx(source.stage_time_s(stage, num_tokens),
                                                                            rel=0.02)
+        # A prompt is not a long decode run: its own per-token time (the 5 prompts are 7 to 18 tokens).
+        assert profile.stage_time_s(stage, 16) == pytest.approx(source.stage_time_s(stage, 16), rel=0.1)
+    assert profile.max_decode_tokens == 10  # 2 * draft_len + 2
     assert profile.draft_token_s == pytest.approx(source.draft_call_s / 2 + source.draft_token_s, rel=0.05)
     assert main([*common, "--simulate", str(measured / "profile.json"), "--out", str(replayed)]) == 0
     second = json.loads((replayed / "results.json").read_text())

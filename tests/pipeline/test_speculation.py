@@ -88,11 +88,20 @@ def generate(target, draft, prompt, max_tokens, **speculation):
 def test_a_useless_draft_turns_speculation_off_but_keeps_probing(tiny_target):
     stats = generate(tiny_target, ScriptedDraft(tiny_target, lambda pos: (False, 0.9)), [5, 6, 7], 96)
     assert stats.num_accepted_tokens == 0
-    # A few guesses while the acceptance is being measured, then one probe
-    # per EXPLORE_EVERY verifications; never a run per token.
-    assert stats.num_draft_tokens < 96 / EXPLORE_EVERY + 12
-    assert stats.num_draft_tokens >= 96 / EXPLORE_EVERY - 4
-    assert stats.num_runs - 96 <= stats.num_draft_tokens  # a run beyond one per token carries a probe
+    # A few guesses in runs while the acceptance is being measured; after
+    # that, probes (one per EXPLORE_EVERY verifications) are judged by the
+    # next result without a run: no speculative run at all.
+    assert stats.num_draft_tokens < 12
+    assert stats.num_runs - 96 <= stats.num_draft_tokens
+    assert stats.draft_guesses >= stats.num_draft_tokens + 96 / EXPLORE_EVERY - 4  # the probes were made
+
+
+def test_speculation_comes_back_when_the_draft_turns_good(tiny_target):
+    """Useless for the first 48 positions, right from there on: the probes,
+    judged without runs, find it out, and runs carry guesses again."""
+    stats = generate(tiny_target, ScriptedDraft(tiny_target, lambda pos: (pos >= 51, 0.9)), [5, 6, 7], 144)
+    assert stats.num_accepted_tokens > 48
+    assert stats.num_runs < 144 - 40
 
 
 def test_a_good_draft_goes_deep(tiny_target):
