@@ -91,7 +91,7 @@ def test_a_useless_draft_turns_speculation_off_but_keeps_probing(tiny_target):
     # A few guesses in runs while the acceptance is being measured; after
     # that, probes (one per EXPLORE_EVERY verifications) are judged by the
     # next result without a run: no speculative run at all.
-    assert stats.num_draft_tokens < 12
+    assert stats.num_draft_tokens <= 16  # a handful of runs (of up to 4 guesses) until ~5 rejections
     assert stats.num_runs - 96 <= stats.num_draft_tokens
     assert stats.draft_guesses >= stats.num_draft_tokens + 96 / EXPLORE_EVERY - 4  # the probes were made
 
