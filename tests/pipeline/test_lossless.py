@@ -147,12 +147,13 @@ def test_engine_sampling_follows_the_target_distribution(tiny_vocab_model, tmp_p
     reference = AutoModelForCausalLM.from_pretrained(tiny_vocab_model, dtype=torch.float32)
     with torch.no_grad():
         p_first = sampling_probs(reference(torch.tensor([prompt])).logits[0, -1], params)
-    counts = np.zeros(8)
+    counts, drafted = np.zeros(8), 0
     with load_engine(tiny_vocab_model, str(draft), 2, mode, min_accept_prob=0.0, draft_len=3) as engine:
         for _ in range(1500):
             out = engine.complete(GenerationRequest(tuple(prompt), 2, params))
             counts[out.token_ids[0]] += 1
-        assert out.stats.num_draft_tokens > 0
+            drafted += out.stats.num_draft_tokens
+    assert drafted > 0  # (pipeinfer mode never waits for the draft: a given request may have had no guess)
     assert_follows(counts, p_first)
 
 
