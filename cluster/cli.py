@@ -16,7 +16,7 @@ from cluster.spec import SpecError
 from compute.model_source import ModelSourceError
 from compute.stage_model import DTYPES
 from compute.types import SamplingParams
-from draft_models import DRAFT_HELP, DraftSpecError, parse_draft
+from draft_models import DRAFT_HELP, DraftSpecError
 from loadtests import pair
 from loadtests.bench import BenchConfig
 from pipeline.engine import TRANSPORTS, Engine, EngineConfig, GenerationError
@@ -183,10 +183,9 @@ def _serve_mpi_stage(args: argparse.Namespace) -> bool:
     )
 
     config = _engine_config(args)
-    has_draft_rank = not parse_draft(config.draft).is_free
     rank, _ = mpi_rank_and_size()
     if rank == 0:
-        check_rank_count(args.stages, has_draft_rank)  # before loading anything; the error aborts every rank
+        check_rank_count(args.stages, config.draft_has_worker)  # before loading anything; the error aborts every rank
         return False
     model_dir = resolve_model(config.model, show_progress=False)
     if rank == args.stages + 1:

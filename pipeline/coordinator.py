@@ -267,11 +267,9 @@ class Coordinator:
         being accepted, with every guess before it, pays for it: a new run's
         first guess pays for a run (the run threshold), any other for a token
         more in its run (the token threshold; a root run goes anyway).
-        -> the guesses and the run's own chance. While no guess is worth it,
-        the drafter is asked for one probing guess every EXPLORE_EVERY
-        verifications, which the next result judges without a run."""
-        load = len(self._seqs)
-        run_bar, token_bar = self.config.threshold(self.transport.num_layers, load), self.run_cost.token_share() * load
+        -> the guesses and the run's own chance. (While none is worth it,
+        the drafter's probing guesses are judged without a run: _wanted_upto.)"""
+        run_bar, token_bar = self._threshold(), self.run_cost.token_share() * len(self._seqs)
         chain_value = seq.chain_value
         value, taken = 1.0, []
         depth = seq.streak + seq.num_guesses_in_flight

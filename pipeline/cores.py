@@ -45,3 +45,13 @@ def own_cores(cores: list[int], whole_process: bool = False) -> None:
             os.sched_setaffinity(tid, cores)
         except OSError as exc:  # a thread that ended meanwhile, or a restricted container
             log.debug("could not pin thread %d to %s: %s", tid, cores, exc)
+
+
+def use_cores(cores: list[int] | None, num_cpus: float, whole_process: bool = False) -> None:
+    """A stage's or draft's compute: pinned to `cores` where it was given
+    some of this machine's (own_cores), else num_cpus torch threads wherever
+    the OS puts them (a process on a node of its own, or placed by mpiexec)."""
+    if cores:
+        own_cores(cores, whole_process)
+    else:
+        torch.set_num_threads(max(1, int(num_cpus)))

@@ -69,6 +69,11 @@ class EngineConfig:
         return tuple(dataclasses.replace(plan, num_cpus=cpus) for plan in balanced_plans(model_dir, num_stages))
 
     @property
+    def draft_has_worker(self) -> bool:
+        """A draft that computes runs on a worker of its own (thread, actor or rank)."""
+        return not parse_draft(self.draft).is_free
+
+    @property
     def draft_plan(self) -> StagePlan:
         """Where a draft that computes runs, as a (layerless) plan: its CPUs and resources."""
         return StagePlan(0, 0, num_cpus=self.draft_cpus, resources=dict(self.draft_resources))
@@ -284,7 +289,7 @@ def _make_transport(config: EngineConfig, model_dir: Path, plans: tuple[StagePla
 
         cluster = RayCluster.connect(config.ray_address)
         try:
-            draft_plan = None if parse_draft(config.draft).is_free else config.draft_plan
+            draft_plan = config.draft_plan if config.draft_has_worker else None
             return RayTransport(str(model_dir), plans, config.dtype, config.placement_strategy,
                                 config.kv_budget_bytes, cluster=cluster, draft_plan=draft_plan,
                                 draft_stage=config.draft_stage)
@@ -294,7 +299,7 @@ def _make_transport(config: EngineConfig, model_dir: Path, plans: tuple[StagePla
     if config.transport == "mpi":
         from pipeline.mpi_transport import MPITransport
 
-        return MPITransport(plans, has_draft_rank=not parse_draft(config.draft).is_free)
+        return MPITransport(plans, has_draft_rank=config.draft_has_worker)
     stages = [Stage.load(model_dir, plans, index, config.dtype, config.kv_budget_bytes)
               for index in tqdm(range(len(plans)), desc="loading stages", unit="stage", disable=not show_progress)]
     if config.simulate:

@@ -27,6 +27,7 @@ import torch
 
 from compute.stage_model import DTYPES
 from draft_models import load_draft
+from pipeline.cores import use_cores
 from pipeline.drafter import Drafter, DraftRequest, Guesses, GuessSink, ThreadDrafter
 from pipeline.partition import StagePlan
 from pipeline.stage import Stage, stage_failure
@@ -194,7 +195,7 @@ def run_draft_worker(spec: str, model_dir: str, dtype: str, num_cpus: int) -> No
     """Rank N+1: draft (on a ThreadDrafter) until rank 0 says stop."""
     comm = _comm()
     torch.set_grad_enabled(False)
-    torch.set_num_threads(num_cpus)
+    use_cores(None, num_cpus)
     sends: list = []
 
     def send_guesses(guesses: Guesses) -> None:  # from the drafter's thread; MPI is thread-safe here
@@ -229,7 +230,7 @@ class _StageWorker:
         self.comm = _comm()
         self.rank = self.comm.Get_rank()
         torch.set_grad_enabled(False)
-        torch.set_num_threads(max(1, int(plans[self.rank - 1].num_cpus)))
+        use_cores(None, plans[self.rank - 1].num_cpus)
         self.stage = Stage.load(model_dir, plans, self.rank - 1, dtype, kv_budget_bytes)
         self.next_rank = self.rank + 1 if self.rank < len(plans) else None
         self._sends: list = []

@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from compute.stage_model import DTYPES
 from compute.types import Failure, FailureCode
 from draft_models import load_draft
-from pipeline.cores import own_cores, split_cores
+from pipeline.cores import split_cores, use_cores
 from pipeline.drafter import Drafter, DraftRequest, Guesses, GuessSink, ThreadDrafter
 from pipeline.partition import StagePlan
 from pipeline.ray_cluster import RayCluster
@@ -49,10 +49,7 @@ class StageActor:
     def __init__(self, model_dir: str, plans: tuple[StagePlan, ...], index: int, dtype: str,
                  kv_budget_bytes: int | None, layer_delay_s: float, cores: list[int] | None) -> None:
         torch.set_grad_enabled(False)
-        if cores:
-            own_cores(cores, whole_process=True)
-        else:
-            torch.set_num_threads(max(1, int(plans[index].num_cpus)))
+        use_cores(cores, plans[index].num_cpus, whole_process=True)
         self.stage = Stage.load(model_dir, plans, index, dtype, kv_budget_bytes)
         self._before_layer = (lambda layer: time.sleep(layer_delay_s)) if layer_delay_s else None
 
@@ -102,10 +99,7 @@ class DraftActor:
 
     def __init__(self, spec: str, model_dir: str, dtype: str, cores: list[int] | None, num_cpus: float) -> None:
         torch.set_grad_enabled(False)
-        if cores:
-            own_cores(cores, whole_process=True)
-        else:
-            torch.set_num_threads(max(1, int(num_cpus)))
+        use_cores(cores, num_cpus, whole_process=True)
         self._guesses: queue.SimpleQueue = queue.SimpleQueue()
         self._drafter = ThreadDrafter(load_draft(spec, Path(model_dir), DTYPES[dtype], show_progress=False), cores)
         self._drafter.start(self._guesses.put)
