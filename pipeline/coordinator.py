@@ -28,7 +28,7 @@ import torch
 from compute.types import Failure, FailureCode, GenerationRequest, check_context
 from pipeline.drafter import Drafter, DraftRequest, Guesses
 from pipeline.sequence import EventSink, Guess, Launched, SequenceState
-from pipeline.speculation import EXPLORE_EVERY, RunCost, SpeculationConfig
+from pipeline.speculation import EXPLORE_EVERY, AcceptanceModel, DraftHistory, RunCost, SpeculationConfig
 from pipeline.transport import Transport
 from pipeline.types import (
     CommitKV,
@@ -68,6 +68,7 @@ class Coordinator:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._seqs: dict[int, SequenceState] = {}
         self.run_cost = RunCost()  # a pipeline pass by run size, as measured
+        self.draft_history = DraftHistory()  # the draft's acceptance and compute, over the requests so far
         self._seq_ids = itertools.count()
         self._run_ids = itertools.count()
         self._thread = None
@@ -209,6 +210,7 @@ class Coordinator:
                 seq.stats.draft_calls += 1
                 seq.stats.draft_guesses += len(payload.token_ids)
                 seq.stats.draft_s += payload.seconds
+                self.draft_history.observe_compute(len(payload.token_ids), payload.seconds)
                 seq.add_guesses(payload)
 
     def _fail_sequence_of(self, kind: str, payload, exc: Exception) -> None:
@@ -229,7 +231,7 @@ class Coordinator:
             generator.seed()
         now = self.clock()
         seq = SequenceState(seq_id, request, sink, list(request.prompt_token_ids), generator=generator,
-                            started_at=now, last_progress_at=now)
+                            acceptance=AcceptanceModel(self.draft_history), started_at=now, last_progress_at=now)
         seq.stats.num_prompt_tokens = len(request.prompt_token_ids)
         return seq
 
@@ -269,7 +271,7 @@ class Coordinator:
         more in its run (the token threshold; a root run goes anyway).
         -> the guesses and the run's own chance. (While none is worth it,
         the drafter's probing guesses are judged without a run: _wanted_upto.)"""
-        run_bar, token_bar = self._threshold(), self.run_cost.token_share() * len(self._seqs)
+        run_bar, token_bar = self._bars()
         chain_value = seq.chain_value
         value, taken = 1.0, []
         depth = seq.streak + seq.num_guesses_in_flight
@@ -284,17 +286,31 @@ class Coordinator:
             seq.pending.popleft()
         return taken, value
 
-    def _threshold(self) -> float:
-        return self.config.threshold(self.transport.num_layers, len(self._seqs))
+    def _bars(self) -> tuple[float, float]:
+        """What a new run's first guess, and a guess more in a run, must be
+        worth (speculation.py); the first set by hand, or both raised by the
+        draft's share of the stages' cores."""
+        draft = 0.0 if self.config.min_accept_prob is not None else self._draft_share()
+        run_bar = self.config.threshold(self.transport.num_layers, len(self._seqs))
+        return min(1.0, run_bar + draft), self.run_cost.token_share() * len(self._seqs) + draft
+
+    def _draft_share(self) -> float:
+        """A guess's draft compute as a share of the pass it can save, where
+        the draft computes on a stage's cores (else it costs the stages nothing)."""
+        pass_s = self.run_cost.pass_seconds(1)
+        if not self.transport.draft_shares_cores or not pass_s:
+            return 0.0
+        return min(1.0, self.draft_history.seconds_per_guess() / pass_s)
 
     def _wanted_upto(self, seq: SequenceState, cap: int) -> int:
         """How far to ask the drafter to guess: enough to fill the room in the
         chain, and one run more for when a result frees a place, while
         guesses are worth it; one probing guess when they are not."""
-        if seq.chain_value * seq.acceptance.overall >= self._threshold():
+        if seq.chain_value * seq.acceptance.overall >= self._bars()[0]:
             want = (cap - len(seq.chain) + 1) * self.config.draft_len
         else:
-            want = 1 if seq.since_judged >= EXPLORE_EVERY else 0
+            # A probe is free where the draft has cores of its own: one per verification.
+            want = 1 if seq.since_judged >= (EXPLORE_EVERY if self._draft_share() else 1) else 0
         return seq.chain_end + max(len(seq.pending), self._budget(seq, want))
 
     def _ask_draft(self, seq: SequenceState, upto: int) -> None:

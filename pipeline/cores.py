@@ -32,6 +32,11 @@ def split_cores(counts: list[int]) -> list[list[int]]:
     return groups
 
 
+def shares_cores(groups: list[list[int]], group: list[int]) -> bool:
+    """Whether `group` overlaps any of `groups` (split_cores wrapped around)."""
+    return any(set(group) & set(other) for other in groups)
+
+
 def own_cores(cores: list[int], whole_process: bool = False) -> None:
     """Compute with len(cores) torch threads, pinned to those cores: the
     calling thread (and the threads it starts later), or every thread of this

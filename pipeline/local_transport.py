@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.cores import own_cores
+from pipeline.cores import own_cores, shares_cores
 from pipeline.stage import Stage, stage_failure
 from pipeline.trace import StageSpan
 from pipeline.transport import ResultSink, Transport
@@ -33,6 +33,7 @@ class LocalTransport(Transport):
         self.stages = stages
         self._cores = cores
         self.draft_cores = cores[-1] if cores else None
+        self.draft_shares_cores = bool(cores) and shares_cores(cores[:-1], cores[-1])
         self.num_stages = len(stages)
         self.num_layers = sum(stage.model.num_layers for stage in stages)
         self._layer_delay = layer_delay

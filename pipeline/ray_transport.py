@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from compute.stage_model import DTYPES
 from compute.types import Failure, FailureCode
 from draft_models import load_draft
-from pipeline.cores import split_cores, use_cores
+from pipeline.cores import shares_cores, split_cores, use_cores
 from pipeline.drafter import Drafter, DraftRequest, Guesses, GuessSink, ThreadDrafter
 from pipeline.partition import StagePlan
 from pipeline.ray_cluster import RayCluster
@@ -215,6 +215,7 @@ class RayTransport(Transport):
         pinned = split_cores([int(p.num_cpus) for p in placed]) if cluster and cluster.is_private \
             else [None] * len(placed)
         self.draft_cores = pinned[len(plans)] if draft_plan else None
+        self.draft_shares_cores = self.draft_cores is not None and shares_cores(pinned[:len(plans)], self.draft_cores)
         self.placement_group = _place([{"CPU": p.num_cpus, **p.resources} for p in plans], strategy, "the stages")
         # A draft asking for node resources gets a bundle of its own (the
         # stages' strategy, one node each with spread, does not bind it);

@@ -4,10 +4,11 @@ request, not from the draft's word alone.
 The chance that a guess becomes a verified token is the product, over it and
 every guess before it in the chain, of each one's acceptance probability.
 pipeinfer mode launches a guess only while that product stays at least a
-threshold: a good draft goes deep, a useless one turns speculation off (one
-guess every EXPLORE_EVERY verifications, judged by the next result without a
-run of its own, keeps measuring it, so it comes back when the text turns
-predictable).
+threshold: a good draft goes deep, a useless one turns speculation off (a
+probing guess, judged by the next result without a run of its own, keeps
+measuring it, so it comes back when the text turns predictable: one per
+verification where the draft has cores of its own, one every EXPLORE_EVERY
+where its compute is taken from a stage).
 
 The thresholds weigh what a guess can win against what it can cost. An
 accepted guess saves a pipeline pass, the time of every layer. A run more
@@ -17,7 +18,14 @@ a new run's first guess needs a chance of 1 / num_layers. A guess more in a
 run makes that run's pass longer by the time of a token, which RunCost
 measures: it needs a chance of (token time / pass time). Both grow with the
 number of requests running, whose runs a wasted one displaces.
-min_accept_prob sets the first by hand.
+min_accept_prob sets the first by hand. Where the draft computes on cores
+a stage computes on too (a machine with fewer cores than workers), every
+guess also costs the draft's own compute, taken from that stage: both bars
+rise by the draft's measured time per guess as a share of a pass.
+
+A new request starts from what the engine learnt of its draft on the
+requests before it (DraftHistory), so a useless draft is found out once,
+not once per request.
 """
 
 from __future__ import annotations
@@ -32,8 +40,10 @@ DEPTH_BINS = (1, 2, 3, 5, 1 << 30)  # upper ends: depth 1, 2, 3, 4-5, 6 and deep
 BIN_WEIGHT = 2.0  # a bin's rate leans on the request's overall rate until it has this many guesses
 PRIOR_RATE, PRIOR_WEIGHT = 0.8, 2.0  # the overall rate before any verdict, and its weight in guesses
 DEFAULT_TOKEN_COST = 0.1  # a token's share of a pass until RunCost has measured it
-EXPLORE_EVERY = 8
-RUN_COST_SAMPLES = 64  # verifications between two probing guesses while speculation is off
+EXPLORE_EVERY = 8  # verifications between two probes of a draft that computes on a stage's cores
+RUN_COST_SAMPLES = 64  # root runs the pass time is fit over
+HISTORY_GUESSES = 256  # judged guesses a new request's starting rate is taken from
+DRAFT_COST_BATCHES = 64  # batches of guesses the draft's compute per guess is taken from
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +91,33 @@ class _Rates:
         self.accepted[b] += is_accepted
 
 
+class DraftHistory:
+    """What the engine learnt of its draft across requests: the acceptance
+    of its last HISTORY_GUESSES judged guesses (a new request's starting
+    rate, PRIOR_RATE before any), and its compute per guess."""
+
+    __slots__ = ("_verdicts", "_guesses", "_seconds")
+
+    def __init__(self) -> None:
+        self._verdicts: deque[bool] = deque(maxlen=HISTORY_GUESSES)
+        self._guesses: deque[tuple[int, float]] = deque(maxlen=DRAFT_COST_BATCHES)  # (guesses, seconds)
+
+    def observe(self, is_accepted: bool) -> None:
+        self._verdicts.append(is_accepted)
+
+    def rate(self) -> float:
+        return (sum(self._verdicts) + PRIOR_RATE * PRIOR_WEIGHT) / (len(self._verdicts) + PRIOR_WEIGHT)
+
+    def observe_compute(self, num_guesses: int, seconds: float) -> None:
+        if num_guesses:
+            self._guesses.append((num_guesses, seconds))
+
+    def seconds_per_guess(self) -> float:
+        """The draft's compute per guess over its recent batches (0 before any)."""
+        num_guesses = sum(n for n, _ in self._guesses)
+        return sum(s for _, s in self._guesses) / num_guesses if num_guesses else 0.0
+
+
 class AcceptanceModel:
     """Per request: the probability that a guess is accepted, learnt from the
     verdicts so far, by its *depth* (1 for the first guess after a token the
@@ -91,13 +128,17 @@ class AcceptanceModel:
     that the first pipeline pass is speculated: a useless draft is found out
     after a handful of guesses). An uninformative confidence (a synthetic
     draft's constant, a model's flat top probability) so changes nothing,
-    while an informative one keeps unlikely guesses out of the pipeline."""
+    while an informative one keeps unlikely guesses out of the pipeline.
+    Given the engine's DraftHistory, the request starts from the draft's
+    rate on the requests before it, and its verdicts go there too."""
 
-    __slots__ = ("_by_depth", "_by_confidence")
+    __slots__ = ("_by_depth", "_by_confidence", "_history", "_prior")
 
-    def __init__(self) -> None:
+    def __init__(self, history: DraftHistory | None = None) -> None:
         self._by_depth = _Rates(len(DEPTH_BINS))
         self._by_confidence = _Rates(NUM_BINS)
+        self._history = history
+        self._prior = history.rate() if history is not None else PRIOR_RATE
 
     @staticmethod
     def _confidence_bin(confidence: float) -> int:
@@ -110,7 +151,7 @@ class AcceptanceModel:
     @property
     def overall(self) -> float:
         counts = self._by_depth
-        return (sum(counts.accepted) + PRIOR_RATE * PRIOR_WEIGHT) / (sum(counts.tried) + PRIOR_WEIGHT)
+        return (sum(counts.accepted) + self._prior * PRIOR_WEIGHT) / (sum(counts.tried) + PRIOR_WEIGHT)
 
     def probability(self, confidence: float, depth: int = 1) -> float:
         overall = self.overall
@@ -121,6 +162,8 @@ class AcceptanceModel:
     def observe(self, confidence: float, is_accepted: bool, depth: int = 1) -> None:
         self._by_depth.observe(self._depth_bin(depth), is_accepted)
         self._by_confidence.observe(self._confidence_bin(confidence), is_accepted)
+        if self._history is not None:
+            self._history.observe(is_accepted)
 
 
 class RunCost:
@@ -136,14 +179,28 @@ class RunCost:
     def observe(self, num_tokens: int, seconds: float) -> None:
         self._samples.append((num_tokens, seconds))
 
-    def token_share(self) -> float:
-        """b / a, once runs of two sizes were seen (else DEFAULT_TOKEN_COST)."""
+    def _fit(self) -> tuple[float, float] | None:
+        """(a, b) by least squares, once runs of two sizes were seen."""
         n = len(self._samples)
         xs = [x for x, _ in self._samples]
         if n < 4 or min(xs) == max(xs):
-            return DEFAULT_TOKEN_COST
+            return None
         mean_x = sum(xs) / n
         mean_y = sum(y for _, y in self._samples) / n
         b = sum((x - mean_x) * (y - mean_y) for x, y in self._samples) / sum((x - mean_x) ** 2 for x in xs)
-        a = mean_y - b * mean_x
-        return min(1.0, max(0.0, b / a)) if a > 0 else DEFAULT_TOKEN_COST
+        return mean_y - b * mean_x, b
+
+    def pass_seconds(self, num_tokens: int) -> float | None:
+        """A pass for a run of this size (the mean pass while only one size
+        was seen; None before any)."""
+        fit = self._fit()
+        if fit is not None:
+            return fit[0] + fit[1] * num_tokens
+        return sum(y for _, y in self._samples) / len(self._samples) if self._samples else None
+
+    def token_share(self) -> float:
+        """b / a, once runs of two sizes were seen (else DEFAULT_TOKEN_COST)."""
+        fit = self._fit()
+        if fit is None or fit[0] <= 0:
+            return DEFAULT_TOKEN_COST
+        return min(1.0, max(0.0, fit[1] / fit[0]))

@@ -44,6 +44,7 @@ class Transport(Protocol):
         raise NotImplementedError
 
     draft_cores: list[int] | None = None  # the draft's own cores, where it shares this machine
+    draft_shares_cores: bool = False  # the draft computes on cores a stage computes on (too few cores)
 
     def drafter(self, spec: str, model_dir: Path, dtype: str) -> Drafter:
         """Where the draft runs: inline when it costs nothing, else on a

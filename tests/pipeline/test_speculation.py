@@ -9,7 +9,7 @@ import pytest
 from compute.types import GenerationRequest, SamplingParams
 from draft_models import load_draft
 from draft_models.base import DraftProposal
-from pipeline.speculation import EXPLORE_EVERY, AcceptanceModel, SpeculationConfig
+from pipeline.speculation import EXPLORE_EVERY, AcceptanceModel, DraftHistory, RunCost, SpeculationConfig
 from pipeline.engine import Engine
 from pipeline.partition import balanced_plans
 from pipeline.sim_profiles import ClusterProfile
@@ -90,20 +90,24 @@ def generate(target, draft, prompt, max_tokens, **speculation):
     return out.stats
 
 
-def generate_simulated(target, draft, prompt, max_tokens):
+def generate_simulated(target, draft, prompt, max_tokens, num_requests=1, draft_token_s=0.0, shares_cores=False):
     """As generate(), on two simulated stages (20 ms a run, 2 ms a token more,
     1 ms links): every result arrives when the cost model says, whatever
-    this machine's load, so the policy's choices are reproducible."""
+    this machine's load, so the policy's choices are reproducible. A draft
+    that is not free costs draft_token_s a guess; shares_cores: on a
+    stage's cores. num_requests one after another: the last one's stats."""
     profile = ClusterProfile(
         name="two-stages", description="for tests", num_stages=2, num_layers=4, params_per_layer=0.0,
         head_params=0.0, hidden_size=64, bytes_per_param=0.0, activation_bytes=4, memory_bandwidth_Bps=1.0,
-        flops=1.0, run_overhead_s=0.0, link_latency_s=0.001, link_bandwidth_Bps=1e15, draft_token_s=0.0,
+        flops=1.0, run_overhead_s=0.0, link_latency_s=0.001, link_bandwidth_Bps=1e15, draft_token_s=draft_token_s,
         draft_call_s=0.0, stage_costs=((0.02, 0.002), (0.02, 0.002)))
     plans = balanced_plans(target, 2)
     transport = SimulatedTransport([Stage.load(target, plans, i, "float32") for i in range(2)], profile)
+    transport.draft_shares_cores = shares_cores
     with Engine(target, transport, SimulatedDrafter(draft, transport), SpeculationConfig()) as engine:
-        out = engine.complete(GenerationRequest(tuple(prompt), max_tokens))
-    assert out.token_ids == greedy_reference(target, prompt, max_tokens)
+        for _ in range(num_requests):
+            out = engine.complete(GenerationRequest(tuple(prompt), max_tokens))
+            assert out.token_ids == greedy_reference(target, prompt, max_tokens)
     return out.stats
 
 
@@ -116,6 +120,53 @@ def test_a_useless_draft_turns_speculation_off_but_keeps_probing(tiny_target):
     assert stats.num_draft_tokens < 12
     assert stats.num_runs - 96 <= stats.num_draft_tokens
     assert stats.draft_guesses >= stats.num_draft_tokens + 96 / EXPLORE_EVERY - 4  # the probes were made
+
+
+def test_a_new_request_starts_from_what_the_engine_learnt_of_its_draft():
+    history = DraftHistory()
+    first = AcceptanceModel(history)
+    assert first.overall == pytest.approx(0.8)  # nothing learnt yet: the optimistic prior
+    for _ in range(60):
+        first.observe(0.9, is_accepted=False)
+    assert AcceptanceModel(history).overall < 0.05  # the next request knows the draft is useless
+    assert AcceptanceModel().overall == pytest.approx(0.8)  # (a model without history keeps the prior)
+
+
+def test_a_useless_draft_is_found_out_once_per_engine_not_once_per_request(tiny_target):
+    first = generate_simulated(tiny_target, ScriptedDraft(tiny_target, lambda pos: (False, 0.9)), [5, 6, 7], 48)
+    third = generate_simulated(tiny_target, ScriptedDraft(tiny_target, lambda pos: (False, 0.9)), [5, 6, 7], 48,
+                               num_requests=3)
+    assert first.num_draft_tokens > 0  # the first request tries the draft in runs
+    assert third.num_draft_tokens == 0  # a later one only probes it, without runs
+    assert third.draft_guesses >= 48 / EXPLORE_EVERY - 2
+
+
+class CostlyDraft(ScriptedDraft):
+    is_free = False  # the simulator charges its draft_token_s a guess
+
+
+def test_a_draft_on_the_stages_cores_must_be_worth_its_own_compute_too(tiny_target):
+    """Right on 80% of positions, 30 ms a guess against a 47 ms pass: worth
+    runs on a core of its own; on a stage's, a guess would have to be right
+    more often than 1/4 (a run, 4 layers) + 30/47 (its compute)."""
+    rule = lambda pos: (hash((pos, 3)) % 5 < 4, 0.5)  # noqa: E731
+    own = generate_simulated(tiny_target, CostlyDraft(tiny_target, rule), [5, 6, 7], 64, num_requests=2,
+                             draft_token_s=0.03)
+    shared = generate_simulated(tiny_target, CostlyDraft(tiny_target, rule), [5, 6, 7], 64, num_requests=2,
+                                draft_token_s=0.03, shares_cores=True)
+    assert own.num_draft_tokens > 15
+    assert shared.num_draft_tokens < own.num_draft_tokens / 3
+
+
+def test_a_pass_is_timed_by_run_size():
+    cost = RunCost()
+    assert cost.pass_seconds(1) is None
+    cost.observe(1, 0.05)
+    assert cost.pass_seconds(3) == pytest.approx(0.05)  # one size seen: its mean
+    for n in (1, 2, 3, 4):
+        cost.observe(n, 0.04 + 0.01 * n)
+    assert cost.pass_seconds(6) == pytest.approx(0.1, abs=0.01)
+    assert cost.token_share() == pytest.approx(0.01 / 0.04, rel=0.3)
 
 
 def test_speculation_comes_back_when_the_draft_turns_good(tiny_target):
