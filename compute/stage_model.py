@@ -154,22 +154,54 @@ class StageModel(nn.Module):
 
         Returns None if is_cancelled() turns true between two layers.
         """
-        num_new = hidden.shape[1]
-        start = kv.context_len
-        positions = torch.arange(start, start + num_new).unsqueeze(0)  # [1, n]
-        cos, sin = self.rotary_emb(hidden, positions)  # [1, n, head_dim] each
-        # Query i (position start+i) sees keys 0..start+i. A single query sees all.
-        mask = None
-        if num_new > 1:
-            key_pos = torch.arange(start + num_new)
-            mask = key_pos.unsqueeze(0) <= positions.transpose(0, 1)  # [n, start+n]
+        return self.forward_batch([hidden], [kv], lambda: [is_cancelled()], before_layer)[0]
+
+    @torch.inference_mode()
+    def forward_batch(
+        self,
+        hiddens: list[torch.Tensor],
+        kvs: list[LayerKV],
+        cancelled: Callable[[], list[bool]] | None = None,
+        before_layer: Callable[[int], None] | None = None,
+    ) -> list[torch.Tensor | None]:
+        """Several runs (any sequences, any lengths) through the layers in one
+        forward: their tokens are packed into one [1, sum n, H] so that every
+        weight is read once for all of them; only attention is per run.
+        hiddens[i] [1, n_i, H] for positions [kvs[i].context_len, +n_i).
+        cancelled() -> per run, whether to stop it (asked between layers; a
+        stopped run leaves the pack and gets None)."""
+        segments = _packed([_Segment(i, h.shape[1], kv, *self._positions(h, kv))
+                            for i, (h, kv) in enumerate(zip(hiddens, kvs))])
+        hidden = torch.cat(hiddens, dim=1) if len(hiddens) > 1 else hiddens[0]
+        cos, sin = (torch.cat(parts, dim=1) for parts in zip(*(seg.rotary for seg in segments)))
         for idx, layer in enumerate(self.layers):
             if before_layer is not None:
                 before_layer(idx)
-            if is_cancelled():
-                return None
-            hidden = _decoder_layer(layer, idx, hidden, cos, sin, mask, kv)
-        return hidden
+            flags = cancelled() if cancelled is not None else None
+            if flags is not None and any(flags[seg.index] for seg in segments):
+                keep = [seg for seg in segments if not flags[seg.index]]
+                rows = torch.cat([torch.arange(seg.offset, seg.offset + seg.num_new) for seg in keep]) \
+                    if keep else torch.empty(0, dtype=torch.long)
+                hidden, cos, sin = hidden[:, rows], cos[:, rows], sin[:, rows]
+                segments = _packed(keep)
+                if not segments:
+                    break
+            hidden = _decoder_layer(layer, idx, hidden, cos, sin, segments)
+        out: list[torch.Tensor | None] = [None] * len(hiddens)
+        for seg in segments:
+            out[seg.index] = hidden[:, seg.offset:seg.offset + seg.num_new]
+        return out
+
+    def _positions(self, hidden: torch.Tensor, kv: LayerKV):
+        """A run's rotary (cos, sin) [1, n, head_dim] and its causal mask
+        (None for one token, which sees everything before it)."""
+        num_new, start = hidden.shape[1], kv.context_len
+        positions = torch.arange(start, start + num_new).unsqueeze(0)  # [1, n]
+        rotary = self.rotary_emb(hidden, positions)
+        mask = None
+        if num_new > 1:  # query i (position start+i) sees keys 0..start+i
+            mask = torch.arange(start + num_new).unsqueeze(0) <= positions.transpose(0, 1)  # [n, start+n]
+        return rotary, mask
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -182,25 +214,49 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _decoder_layer(layer, idx, hidden, cos, sin, mask, kv: LayerKV) -> torch.Tensor:
+class _Segment:
+    """One run's rows in a packed forward."""
+
+    __slots__ = ("index", "num_new", "kv", "rotary", "mask", "offset")
+
+    def __init__(self, index: int, num_new: int, kv: LayerKV, rotary, mask) -> None:
+        self.index, self.num_new, self.kv, self.rotary, self.mask = index, num_new, kv, rotary, mask
+        self.offset = 0
+
+
+def _packed(segments: list[_Segment]) -> list[_Segment]:
+    """The segments, each given its rows in the pack, in order."""
+    offset = 0
+    for seg in segments:
+        seg.offset = offset
+        offset += seg.num_new
+    return segments
+
+
+def _decoder_layer(layer, idx, hidden, cos, sin, segments: list[_Segment]) -> torch.Tensor:
     attn = layer.self_attn
     num_new = hidden.shape[1]
     head_shape = (1, num_new, -1, attn.head_dim)
 
     residual = hidden
     x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).view(head_shape)  # [1, n, heads, d]
-    k = attn.k_proj(x).view(head_shape)  # [1, n, kv_heads, d]
-    v = attn.v_proj(x).view(head_shape).transpose(1, 2)  # [1, kv_heads, n, d]
+    q = attn.q_proj(x).view(head_shape)  # [1, N, heads, d]
+    k = attn.k_proj(x).view(head_shape)  # [1, N, kv_heads, d]
+    v = attn.v_proj(x).view(head_shape).transpose(1, 2)  # [1, kv_heads, N, d]
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    k_all, v_all = kv.extend(idx, k, v)  # [1, kv_heads, context+n, d]
-    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-    out = out.transpose(1, 2).reshape(1, num_new, -1)  # [1, n, heads*d]
+    outs = []
+    for seg in segments:  # attention is per run: its own context, in order (a child after its parent)
+        rows = slice(seg.offset, seg.offset + seg.num_new)
+        k_all, v_all = seg.kv.extend(idx, k[:, :, rows], v[:, :, rows])  # [1, kv_heads, context+n, d]
+        outs.append(F.scaled_dot_product_attention(q[:, :, rows], k_all, v_all, attn_mask=seg.mask,
+                                                   scale=attn.scaling, enable_gqa=True))
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    out = out.transpose(1, 2).reshape(1, num_new, -1)  # [1, N, heads*d]
     hidden = residual + attn.o_proj(out)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 

@@ -83,29 +83,44 @@ class LocalTransport(Transport):
         if self._cores:
             own_cores(self._cores[index])
         while True:
-            message = inbox.get()
-            if message is _STOP:
-                if outbox is not None:
-                    outbox.put(_STOP)
-                return
-            item, hidden = message
-            if isinstance(item, Run):
-                self._handle_run(stage, item, hidden, outbox, before_layer)
-            else:
-                self._handle_kv_op(stage, item, outbox)
+            messages = [inbox.get()]
+            while True:  # everything waiting: its runs go through the layers together
+                try:
+                    messages.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            batch: list[tuple[Run, torch.Tensor | None]] = []
+            for message in messages:
+                if message is _STOP:
+                    self._handle_runs(stage, batch, outbox, before_layer)
+                    if outbox is not None:
+                        outbox.put(_STOP)
+                    return
+                item, hidden = message
+                if isinstance(item, Run):
+                    batch.append((item, hidden))
+                    continue
+                if any(run.seq_id == item.seq_id for run, _ in batch):  # its sequence's runs first
+                    self._handle_runs(stage, batch, outbox, before_layer)
+                    batch = []
+                self._handle_kv_op(stage, item, outbox)  # (another sequence's op commutes with the batch)
+            self._handle_runs(stage, batch, outbox, before_layer)
 
-    def _handle_run(self, stage: Stage, run: Run, hidden, outbox, before_layer) -> None:
-        try:
-            out = stage.process(run, hidden, before_layer)
-        except Exception as exc:  # a failing stage fails the run's request, not the server
-            log.exception("stage %d failed on run %d", stage.stage_index, run.run_id)
-            out = stage_failure(run, stage.stage_index, exc)
-        if out is None:
+    def _handle_runs(self, stage: Stage, batch: list, outbox, before_layer) -> None:
+        if not batch:
             return
-        if isinstance(out, RunResult):
-            self._on_result(out)
-        else:
-            outbox.put((run, out))
+        try:
+            outs = stage.process_batch(batch, before_layer)
+        except Exception as exc:  # a failing stage fails the runs' requests, not the server
+            log.exception("stage %d failed on runs %s", stage.stage_index, [run.run_id for run, _ in batch])
+            outs = [stage_failure(run, stage.stage_index, exc) for run, _ in batch]
+        for (run, _), out in zip(batch, outs):
+            if out is None:
+                continue
+            if isinstance(out, RunResult):
+                self._on_result(out)
+            else:
+                outbox.put((run, out))
 
     def _handle_kv_op(self, stage: Stage, op: KVOp, outbox) -> None:
         try:

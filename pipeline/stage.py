@@ -28,6 +28,7 @@ class StageCounters:
     num_runs_computed: int = 0
     num_runs_skipped: int = 0  # cancelled before they started here
     num_runs_stopped_mid_forward: int = 0  # cancelled between two layers
+    num_forwards: int = 0  # forwards computed; fewer than runs where runs shared one (batching)
 
 
 class Stage:
@@ -41,7 +42,6 @@ class Stage:
         self._cancelled: dict[int, set[int]] = {}  # seq_id -> cancelled run ids
         self._kv_snapshot = (0, 0)  # (bytes, sequences), refreshed by the compute thread
         self._active_at = time.monotonic()  # last progress: a layer, a run, a KV op
-        self._last_stopped = False  # the last run processed was stopped between layers
 
     @classmethod
     def load(cls, model_dir: str | Path, plans: Sequence[StagePlan], index: int, dtype: str,
@@ -66,6 +66,7 @@ class Stage:
             "num_runs_computed": self.counters.num_runs_computed,
             "num_runs_skipped": self.counters.num_runs_skipped,
             "num_runs_stopped_mid_forward": self.counters.num_runs_stopped_mid_forward,
+            "num_forwards": self.counters.num_forwards,
         }
 
     def _refresh_snapshot(self) -> None:
@@ -114,50 +115,79 @@ class Stage:
     ) -> torch.Tensor | RunResult | None:
         """-> hidden states for the next stage, the run's result (last stage,
         or an error), or None when the run was cancelled."""
+        return self.process_batch([(run, hidden)], before_layer)[0]
+
+    def process_batch(
+        self,
+        items: Sequence[tuple[Run, torch.Tensor | None]],
+        before_layer: Callable[[int], None] | None = None,
+    ) -> list[torch.Tensor | RunResult | None]:
+        """Runs waiting for this stage, of any sequences, in one forward (see
+        StageModel.forward_batch); a run of a sequence comes after the runs
+        before it in its chain. -> per run, as process()."""
         started = time.time()
         self._active_at = time.monotonic()
-        out = None
+        outs: list[torch.Tensor | RunResult | None] = [None] * len(items)
+        outcomes = ["skipped"] * len(items)
         try:
-            out = self._process(run, hidden, before_layer)
-            return out
+            live = []  # (index, run, hidden, its KV)
+            for i, (run, hidden) in enumerate(items):
+                if self.is_cancelled(run):
+                    self.counters.num_runs_skipped += 1
+                    continue
+                try:
+                    run_kv = self.kv.begin_run(run)
+                except KVCacheError as exc:
+                    outs[i], outcomes[i] = stage_failure(run, self.stage_index, exc), "computed"
+                    continue
+                if self.is_first:
+                    hidden = self.model.embed(run.token_ids)
+                elif hidden.dtype != self.model.dtype:  # stages may compute in different dtypes
+                    hidden = hidden.to(self.model.dtype)
+                live.append((i, run, hidden, run_kv))
+            if live:
+                self._compute(live, outs, outcomes, before_layer)
+            return outs
         finally:
             self._active_at = time.monotonic()
             self._refresh_snapshot()
-            self._record_span(run, started, out)
+            ended = time.time()
+            for (run, _), out, outcome in zip(items, outs, outcomes):
+                self._record_span(run, started, ended, out, outcome)
 
-    def _record_span(self, run: Run, started: float, out) -> None:
+    def _compute(self, live, outs, outcomes, before_layer) -> None:
+        self.counters.num_forwards += 1
+        hiddens = self.model.forward_batch(
+            [hidden for _, _, hidden, _ in live], [run_kv for *_, run_kv in live],
+            lambda: [self._between_layers(run) for _, run, _, _ in live], before_layer)
+        done = []
+        for (i, run, _, _), hidden in zip(live, hiddens):
+            if hidden is None:
+                outcomes[i] = "stopped"
+                self.counters.num_runs_stopped_mid_forward += 1
+                self.kv.drop_run(run.run_id)
+                continue
+            outcomes[i] = "computed"
+            self.counters.num_runs_computed += 1
+            outs[i] = hidden
+            done.append((i, run, hidden))
+        if not self.is_last or not done:
+            return
+        logits = self.model.logits(torch.cat([hidden for *_, hidden in done], dim=1))  # one read of the head
+        offset = 0
+        for i, run, hidden in done:
+            outs[i] = self._result(run, logits[offset:offset + hidden.shape[1]])
+            offset += hidden.shape[1]
+
+    def _record_span(self, run: Run, started: float, ended: float, out, outcome: str) -> None:
         if isinstance(out, torch.Tensor):
-            outcome, out_bytes = "computed", out.numel() * out.element_size()
+            out_bytes = out.numel() * out.element_size()
         elif isinstance(out, RunResult):
-            outcome, out_bytes = "computed", result_bytes(out)
+            out_bytes = result_bytes(out)
         else:
-            outcome, out_bytes = ("stopped" if self._last_stopped else "skipped"), 0
+            out_bytes = 0
         self.spans.record(StageSpan(self.stage_index, run.seq_id, run.run_id, run.is_speculative,
-                                    len(run.token_ids), started, time.time(), outcome, out_bytes))
-
-    def _process(self, run, hidden, before_layer):
-        self._last_stopped = False
-        if self.is_cancelled(run):
-            self.counters.num_runs_skipped += 1
-            return None
-        try:
-            run_kv = self.kv.begin_run(run)
-        except KVCacheError as exc:
-            return stage_failure(run, self.stage_index, exc)
-        if self.is_first:
-            hidden = self.model.embed(run.token_ids)
-        elif hidden.dtype != self.model.dtype:  # stages may compute in different dtypes
-            hidden = hidden.to(self.model.dtype)
-        hidden = self.model.forward_layers(hidden, run_kv, lambda: self._between_layers(run), before_layer)
-        if hidden is None:
-            self._last_stopped = True
-            self.counters.num_runs_stopped_mid_forward += 1
-            self.kv.drop_run(run.run_id)
-            return None
-        self.counters.num_runs_computed += 1
-        if not self.is_last:
-            return hidden
-        return self._result(run, self.model.logits(hidden))
+                                    len(run.token_ids), started, ended, outcome, out_bytes))
 
     @staticmethod
     def _result(run: Run, logits: torch.Tensor) -> RunResult:
