@@ -96,7 +96,7 @@ class DraftHistory:
     of its last HISTORY_GUESSES judged guesses (a new request's starting
     rate, PRIOR_RATE before any), and its compute per guess."""
 
-    __slots__ = ("_verdicts", "_guesses", "_seconds")
+    __slots__ = ("_verdicts", "_guesses")
 
     def __init__(self) -> None:
         self._verdicts: deque[bool] = deque(maxlen=HISTORY_GUESSES)
