@@ -18,6 +18,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
+from compute.threads import on_passing_thread
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
@@ -98,7 +100,7 @@ def _converted_gguf(gguf_path: Path, show_progress: bool) -> Path:
     target = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").exists():
         return target
-    _convert_gguf(gguf_path, target, show_progress)
+    on_passing_thread(lambda: _convert_gguf(gguf_path, target, show_progress))
     return target
 
 

@@ -10,6 +10,7 @@ import torch
 
 from compute.model_source import ModelSourceError, load_config, resolve_model
 from compute.stage_model import StageModel
+from compute.threads import on_passing_thread
 from draft_models.base import DraftModel, NoDraft
 from draft_models.model_draft import ModelDraft
 from draft_models.ngram import NGramDraft
@@ -28,24 +29,29 @@ def load_draft(text: str, target_dir: Path, dtype: torch.dtype = torch.float32, 
     if spec.kind == "layers":
         if not 1 <= spec.num_layers <= num_layers:
             raise spec.error(f"N must be in 1..{num_layers} (the target's layers)")
-        return ModelDraft(spec.text, StageModel.load(target_dir, 0, spec.num_layers, with_embed=True, with_head=True,
-                                                     dtype=dtype))
+        return ModelDraft(spec.text, _packed_model(target_dir, spec.num_layers, dtype))
     if spec.kind == "synthetic":
-        oracle = ModelDraft("target", StageModel.load(target_dir, 0, num_layers, with_embed=True, with_head=True,
-                                                      dtype=dtype))
+        oracle = ModelDraft("target", _packed_model(target_dir, num_layers, dtype))
         return SyntheticDraft(oracle, spec.acceptance, target_config.vocab_size)
     if spec.kind == "int8":
-        full = StageModel.load(target_dir, 0, num_layers, with_embed=True, with_head=True, dtype=torch.float32)
-        with warnings.catch_warnings():  # torch.ao is deprecated in favour of torchao, but still works here
-            warnings.simplefilter("ignore")
-            quantized = torch.ao.quantization.quantize_dynamic(full, {torch.nn.Linear}, dtype=torch.qint8)
-        return ModelDraft(spec.text, quantized)
+        return ModelDraft(spec.text, on_passing_thread(lambda: _int8_model(target_dir, num_layers)))
     if spec.kind == "vllm":
         return _vllm_draft(spec, target_dir, dtype, show_progress)
     draft_dir = draft_model_dir(spec, target_dir, show_progress)
-    model = StageModel.load(draft_dir, 0, load_config(draft_dir).num_hidden_layers, with_embed=True, with_head=True,
-                            dtype=dtype)
-    return ModelDraft(spec.text, model)
+    return ModelDraft(spec.text, _packed_model(draft_dir, load_config(draft_dir).num_hidden_layers, dtype))
+
+
+def _packed_model(model_dir: Path, num_layers: int, dtype: torch.dtype) -> StageModel:
+    """The first num_layers layers and the head, packed (on a passing thread: compute/threads.py)."""
+    return on_passing_thread(lambda: StageModel.load(model_dir, 0, num_layers, with_embed=True, with_head=True,
+                                                     dtype=dtype).pack_weights())
+
+
+def _int8_model(target_dir: Path, num_layers: int):
+    full = StageModel.load(target_dir, 0, num_layers, with_embed=True, with_head=True, dtype=torch.float32)
+    with warnings.catch_warnings():  # torch.ao is deprecated in favour of torchao, but still works here
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(full, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def draft_model_dir(spec: DraftSpec, target_dir: Path, show_progress: bool = False) -> Path:

@@ -212,7 +212,11 @@ def _measure(config: BenchConfig, runners: list[Runner], prompts: list[list[int]
             for _ in range(config.repeat):
                 for runner in runners:  # interleaved: A B C A B C ...
                     progress.set_postfix_str(f"{runner.name} x{concurrency}")
-                    batch = runner.run(prompts, config.max_tokens, concurrency)
+                    # At least `concurrency` requests, so that that many are in flight (prompts repeat).
+                    filled = [prompts[i % len(prompts)] for i in range(max(len(prompts), concurrency))]
+                    batch = runner.run(filled, config.max_tokens, concurrency)
+                    for timing in batch.timings:
+                        timing.prompt_index %= len(prompts)
                     record = records.setdefault((runner.name, concurrency), ModeRecord(runner.name, concurrency))
                     record.timings += batch.timings
                     record.spans += batch.spans

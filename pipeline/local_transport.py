@@ -15,7 +15,7 @@ from pipeline.cores import own_cores, shares_cores
 from pipeline.stage import Stage, stage_failure
 from pipeline.trace import StageSpan
 from pipeline.transport import ResultSink, Transport
-from pipeline.types import KVOp, Run, RunResult
+from pipeline.types import FreeSequence, KVOp, Run, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,40 @@ log = logging.getLogger(__name__)
 LayerDelay = Callable[[int, int], float]
 
 _STOP = object()
+# The first stage waits up to this share of its last forward for the next
+# runs of sequences that are back at the coordinator (see _Returning).
+BATCH_WAIT_SHARE = 0.25
+
+
+class _Returning:
+    """Which live sequences have no run inside the pipeline: their results
+    are back and the coordinator is making their next runs. The first stage
+    waits a moment for those, so that every request's runs share its forward
+    rather than fall into groups that alternate (each group's forward reads
+    every weight again). Sequences with runs inside are never waited for:
+    that is the pipeline at work."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside: dict[int, set[int]] = {}  # live seq_id -> its run ids inside the pipeline
+
+    def entered(self, run: Run) -> None:
+        with self._lock:
+            self._inside.setdefault(run.seq_id, set()).add(run.run_id)
+
+    def left(self, seq_id: int, run_ids) -> None:
+        with self._lock:
+            inside = self._inside.get(seq_id)
+            if inside is not None:
+                inside.difference_update(run_ids)
+
+    def freed(self, seq_id: int) -> None:
+        with self._lock:
+            self._inside.pop(seq_id, None)
+
+    def any_besides(self, seq_ids: set[int]) -> bool:
+        with self._lock:
+            return any(not inside and seq_id not in seq_ids for seq_id, inside in self._inside.items())
 
 
 class LocalTransport(Transport):
@@ -40,6 +74,8 @@ class LocalTransport(Transport):
         self._inboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in stages]
         self._threads: list[threading.Thread] = []
         self._on_result: ResultSink | None = None
+        self._returning = _Returning()
+        self._forward_s = 0.0  # the first stage's last forward
 
     def start(self, on_result: ResultSink) -> None:
         self._on_result = on_result
@@ -49,12 +85,16 @@ class LocalTransport(Transport):
             self._threads.append(thread)
 
     def submit(self, run: Run) -> None:
+        self._returning.entered(run)
         self._inboxes[0].put((run, None))
 
     def send_kv_op(self, op: KVOp) -> None:
+        if isinstance(op, FreeSequence):
+            self._returning.freed(op.seq_id)
         self._inboxes[0].put((op, None))
 
     def cancel(self, seq_id: int, run_ids: list[int]) -> None:
+        self._returning.left(seq_id, run_ids)
         for stage in self.stages:
             stage.cancel(seq_id, run_ids)
 
@@ -83,12 +123,7 @@ class LocalTransport(Transport):
         if self._cores:
             own_cores(self._cores[index])
         while True:
-            messages = [inbox.get()]
-            while True:  # everything waiting: its runs go through the layers together
-                try:
-                    messages.append(inbox.get_nowait())
-                except queue.Empty:
-                    break
+            messages = self._waiting(inbox, index)
             batch: list[tuple[Run, torch.Tensor | None]] = []
             for message in messages:
                 if message is _STOP:
@@ -106,18 +141,43 @@ class LocalTransport(Transport):
                 self._handle_kv_op(stage, item, outbox)  # (another sequence's op commutes with the batch)
             self._handle_runs(stage, batch, outbox, before_layer)
 
+    def _waiting(self, inbox: queue.SimpleQueue, index: int) -> list:
+        """Every message waiting (at least one): its runs go through the
+        layers together. The first stage also waits, up to BATCH_WAIT_SHARE
+        of its last forward, for the runs of sequences back at the coordinator."""
+        messages = [inbox.get()]
+        deadline = time.monotonic() + BATCH_WAIT_SHARE * self._forward_s if index == 0 else 0.0
+        while True:
+            try:
+                messages.append(inbox.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or any(m is _STOP for m in messages) or not self._returning.any_besides(
+                    {m[0].seq_id for m in messages if isinstance(m[0], Run)}):
+                return messages
+            try:
+                messages.append(inbox.get(timeout=remaining))
+            except queue.Empty:
+                return messages
+
     def _handle_runs(self, stage: Stage, batch: list, outbox, before_layer) -> None:
         if not batch:
             return
+        started = time.monotonic()
         try:
             outs = stage.process_batch(batch, before_layer)
         except Exception as exc:  # a failing stage fails the runs' requests, not the server
             log.exception("stage %d failed on runs %s", stage.stage_index, [run.run_id for run, _ in batch])
             outs = [stage_failure(run, stage.stage_index, exc) for run, _ in batch]
+        if stage.is_first:
+            self._forward_s = time.monotonic() - started
         for (run, _), out in zip(batch, outs):
             if out is None:
                 continue
             if isinstance(out, RunResult):
+                self._returning.left(run.seq_id, [run.run_id])
                 self._on_result(out)
             else:
                 outbox.put((run, out))

@@ -16,6 +16,7 @@ import torch
 
 from compute.sampling import sampling_probs, target_tokens
 from compute.stage_model import DTYPES, StageModel
+from compute.threads import on_passing_thread
 from compute.types import Failure, FailureCode
 from pipeline.kv_cache import KVCacheError, StageKVCache
 from pipeline.partition import StagePlan
@@ -50,8 +51,9 @@ class Stage:
         layers' weights (the first stage also embeds; the last also runs the
         final norm and the head). dtype: a DTYPES name, unless its plan names one."""
         plan = plans[index]
-        model = StageModel.load(model_dir, plan.layer_start, plan.layer_end, with_embed=index == 0,
-                                with_head=index == len(plans) - 1, dtype=DTYPES[plan.dtype or dtype])
+        model = on_passing_thread(lambda: StageModel.load(
+            model_dir, plan.layer_start, plan.layer_end, with_embed=index == 0, with_head=index == len(plans) - 1,
+            dtype=DTYPES[plan.dtype or dtype]).pack_weights())
         return cls(model, index, kv_budget_bytes)
 
     def stats(self) -> dict:

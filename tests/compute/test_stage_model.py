@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from compute.line_kv import DraftKV
 from compute.model_source import ModelSourceError, resolve_model
-from compute.stage_model import StageModel
+from compute.stage_model import PackedLinear, StageModel, can_pack
+from pipeline.partition import balanced_plans
+from pipeline.stage import Stage
 
 
 def even_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
@@ -20,11 +22,12 @@ def even_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
     return list(zip([0, *ends[:-1]], ends))
 
 
-def load_stages(model_dir, num_stages: int) -> list[StageModel]:
+def load_stages(model_dir, num_stages: int, packed: bool = False) -> list[StageModel]:
     num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     ranges = even_ranges(num_layers, num_stages)
-    return [StageModel.load(model_dir, a, b, with_embed=i == 0, with_head=i == len(ranges) - 1)
-            for i, (a, b) in enumerate(ranges)]
+    stages = [StageModel.load(model_dir, a, b, with_embed=i == 0, with_head=i == len(ranges) - 1)
+              for i, (a, b) in enumerate(ranges)]
+    return [stage.pack_weights() for stage in stages] if packed else stages
 
 
 def full_model_bytes(model_dir) -> int:
@@ -56,13 +59,14 @@ def test_tied_embeddings_are_held_by_both_ends(tiny_targets):
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("num_stages", [1, 3])
-def test_chained_stages_reproduce_the_full_forward(tiny_targets, arch, num_stages):
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_chained_stages_reproduce_the_full_forward(tiny_targets, arch, num_stages, packed):
     model_dir = tiny_targets[arch]
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ids = [3, 14, 15, 92, 65, 35, 89, 79]
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0]
-    stages = load_stages(model_dir, num_stages)
+    stages = load_stages(model_dir, num_stages, packed)
     caches = [DraftKV(s.num_layers) for s in stages]
     # Prefill 5 tokens, then verify 3 in one forward: the cache path must match too.
     outputs = []
@@ -73,6 +77,21 @@ def test_chained_stages_reproduce_the_full_forward(tiny_targets, arch, num_stage
             kv.advance(len(chunk))
         outputs.append(stages[-1].logits(hidden))
     torch.testing.assert_close(torch.cat(outputs), expected, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not can_pack(torch.float32), reason="this torch has no oneDNN")
+def test_packed_weights_replace_every_linear_and_keep_the_byte_count(tiny_target):
+    """Packing (oneDNN's layout, what a pipeline stage and a draft compute
+    with) keeps no second copy of a weight and counts the same bytes."""
+    unpacked, = load_stages(tiny_target, 1)
+    packed = StageModel.load(tiny_target, 0, 4, with_embed=True, with_head=True).pack_weights()
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 4 * 7 + 1  # q k v o gate up down, the head
+    assert packed.parameter_bytes() == unpacked.parameter_bytes()
+    assert isinstance(Stage.load(tiny_target, balanced_plans(tiny_target, 1), 0, "float32").model.lm_head,
+                      PackedLinear)
+    half = StageModel.load(tiny_target, 0, 4, with_embed=True, with_head=True, dtype=torch.float16).pack_weights()
+    assert isinstance(half.lm_head, torch.nn.Linear)  # no packed float16 on CPU: left as it is
 
 
 def test_unsupported_architecture_is_refused_by_name(tmp_path):

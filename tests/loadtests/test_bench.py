@@ -46,11 +46,12 @@ def test_bench_writes_results_plots_and_trace(tmp_path, tiny_text_model):
     prompts.write_text('{"prompt": "Hello there, how are"}\n{"prompt": "One two three one two three one"}\n')
     out = tmp_path / "out"
     assert main(["bench", "--model", str(tiny_text_model), "--draft", "ngram", "--stages", "2",
-                 "--prompts", str(prompts), "--max-tokens", "12", "--repeat", "2", "--concurrency", "1,2",
+                 "--prompts", str(prompts), "--max-tokens", "12", "--repeat", "2", "--concurrency", "1,3",
                  "--out", str(out)]) == 0
-    results = check_outputs(out, ["ar", "sync", "pipeinfer", "ar@c2", "sync@c2", "pipeinfer@c2"])
-    assert {"pipeinfer_vs_ar", "pipeinfer_vs_sync", "sync_vs_ar", "pipeinfer_vs_ar@c2"} <= set(results["ratios"])
+    results = check_outputs(out, ["ar", "sync", "pipeinfer", "ar@c3", "sync@c3", "pipeinfer@c3"])
+    assert {"pipeinfer_vs_ar", "pipeinfer_vs_sync", "sync_vs_ar", "pipeinfer_vs_ar@c3"} <= set(results["ratios"])
     assert results["modes"]["ar"]["num_requests"] == 4  # 2 prompts x 2 repetitions
+    assert results["modes"]["ar@c3"]["num_requests"] == 6  # 3 in flight: the prompts repeat
     assert results["modes"]["ar"]["num_tokens"] == 4 * 12  # EOS ignored: every mode does the same work
     assert results["setup"]["clock"] == "wall seconds"
 

@@ -85,3 +85,23 @@ def test_concurrent_requests_share_forwards_and_keep_their_text(tiny_target):
         assert outputs[i] == greedy_reference(tiny_target, list(prompt), 12), i
     for stage in stats:
         assert stage["num_forwards"] < stage["num_runs_computed"] / 2  # most forwards carried several runs
+
+
+def test_one_stage_keeps_every_request_in_one_forward(tiny_target):
+    """On one stage, while some requests' results are being verified the
+    stage waits a moment for their next runs rather than start a forward
+    without them: the requests do not fall into groups that alternate."""
+    prompts = [(3, 4, 5), (60, 61), (7, 7, 7, 7), (90,), (12, 40, 12), (1, 2), (33,), (50, 51, 52)]
+    with load_engine(tiny_target, "none", 1, "ar", layer_delay=lambda stage, layer: 0.01) as engine:
+        engine.complete(GenerationRequest((5,), 2))  # the stage has timed a forward
+        before = engine.transport.stage_stats()[0]
+        threads = [threading.Thread(target=engine.complete, args=(GenerationRequest(p, 16),)) for p in prompts]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        after = engine.transport.stage_stats()[0]
+    runs = after["num_runs_computed"] - before["num_runs_computed"]
+    forwards = after["num_forwards"] - before["num_forwards"]
+    assert runs == 8 * 16
+    assert forwards <= 16 + 4  # a forward per token for all 8 (a few more while the prompts arrive)
