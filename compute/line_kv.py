@@ -8,16 +8,25 @@ from dataclasses import dataclass, field
 import torch
 
 
+MIN_CAPACITY = 16  # positions of a new buffer; buffers grow by doubling
+
+
+def with_room(buffer: torch.Tensor | None, needed: int, like: torch.Tensor) -> torch.Tensor:
+    """`buffer` [1, h, capacity, d], or a larger one holding its contents,
+    with room for `needed` positions along dim 2 (shaped and typed like `like`)."""
+    if buffer is not None and buffer.shape[2] >= needed:
+        return buffer
+    capacity = max(needed, MIN_CAPACITY, 2 * (0 if buffer is None else buffer.shape[2]))
+    grown = like.new_empty((*like.shape[:2], capacity, like.shape[3]))
+    if buffer is not None:
+        grown[:, :, :buffer.shape[2]] = buffer
+    return grown
+
+
 def append_at(buffer: torch.Tensor | None, length: int, new: torch.Tensor) -> torch.Tensor:
     """Write new [1, h, n, d] at [length, length+n) along dim 2, growing by doubling."""
-    needed = length + new.shape[2]
-    if buffer is None or buffer.shape[2] < needed:
-        capacity = max(needed, 2 * (0 if buffer is None else buffer.shape[2]), 16)
-        grown = new.new_empty((*new.shape[:2], capacity, new.shape[3]))
-        if buffer is not None:
-            grown[:, :, :length] = buffer[:, :, :length]
-        buffer = grown
-    buffer[:, :, length:needed] = new
+    buffer = with_room(buffer, length + new.shape[2], new)
+    buffer[:, :, length:length + new.shape[2]] = new
     return buffer
 
 

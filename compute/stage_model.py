@@ -210,12 +210,13 @@ class StageModel(nn.Module):
 
     def _positions(self, hidden: torch.Tensor, kv: LayerKV):
         """A run's rotary (cos, sin) [1, n, head_dim] and its causal mask
-        (None for one token, which sees everything before it)."""
+        (None for one token, which sees everything before it, and for a run
+        from position 0, whose causal attention SDPA does without a mask)."""
         num_new, start = hidden.shape[1], kv.context_len
         positions = torch.arange(start, start + num_new).unsqueeze(0)  # [1, n]
         rotary = self.rotary_emb(hidden, positions)
         mask = None
-        if num_new > 1:  # query i (position start+i) sees keys 0..start+i
+        if num_new > 1 and start > 0:  # query i (position start+i) sees keys 0..start+i
             mask = torch.arange(start + num_new).unsqueeze(0) <= positions.transpose(0, 1)  # [n, start+n]
         return rotary, mask
 
@@ -289,8 +290,9 @@ def _decoder_layer(layer, idx, hidden, cos, sin, segments: list[_Segment]) -> to
     for seg in segments:  # attention is per run: its own context, in order (a child after its parent)
         rows = slice(seg.offset, seg.offset + seg.num_new)
         k_all, v_all = seg.kv.extend(idx, k[:, :, rows], v[:, :, rows])  # [1, kv_heads, context+n, d]
+        is_causal = seg.mask is None and seg.num_new > 1  # a prompt from position 0: keys = queries
         outs.append(F.scaled_dot_product_attention(q[:, :, rows], k_all, v_all, attn_mask=seg.mask,
-                                                   scale=attn.scaling, enable_gqa=True))
+                                                   is_causal=is_causal, scale=attn.scaling, enable_gqa=True))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     out = out.transpose(1, 2).reshape(1, num_new, -1)  # [1, N, heads*d]
     hidden = residual + attn.o_proj(out)

@@ -76,7 +76,10 @@ class VLLMBaseline:
             "max_num_seqs": max_num_seqs,
             "max_model_len": max_model_len,
             "kv_cache_bytes": kv_cache_bytes,
-            "enable_prefix_caching": True,
+            # Off: the benchmark sends the same prompts at every repetition and
+            # concurrency, which vLLM's prefix cache would then serve without
+            # computing them (pipeinfer has no prefix cache): same work on both sides.
+            "enable_prefix_caching": False,
             "speculative_config": spec,
         }, verbose=verbose)
         self.info = self._host.info

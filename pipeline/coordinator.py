@@ -335,6 +335,7 @@ class Coordinator:
             token_ids=(*tip, *(g.token_id for g in guesses)),
             is_speculative=bool(guesses),
             sampling=seq.request.sampling,
+            logits_from=max(0, len(tip) - 1),  # a root run's outputs before its last verified token are known
         )
         seq.launched[run.run_id] = Launched([None] * len(tip) + list(guesses), value,
                                             submitted_at=None if parent else self.clock())
@@ -385,8 +386,8 @@ class Coordinator:
         verdict = verify(
             [None if g is None else g.token_id for g in guesses],
             [None if g is None else g.q for g in guesses],
-            None if result.target_token_ids is None else result.target_token_ids[first:],
-            None if result.target_probs is None else result.target_probs[first:],
+            None if result.target_token_ids is None else result.target_token_ids[first - run.logits_from:],
+            None if result.target_probs is None else result.target_probs[first - run.logits_from:],
             seq.generator,
         )
         self._learn(seq, guesses, verdict)

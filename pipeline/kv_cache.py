@@ -1,9 +1,13 @@
-"""Per-stage KV cache: a committed prefix plus one chunk per unverified run.
+"""Per-stage KV cache, written in place.
 
-Nothing unverified ever enters the committed part, so rollback is free:
-cancelling a run drops its chunk; committing folds the accepted head of a
-chunk into the committed buffers. A run attends over
-committed + its ancestors' chunks + its own tokens, which must be contiguous.
+Per sequence and layer one buffer indexed by position: a run writes its
+positions' keys and values where they belong and attends over the buffer up
+to its last position (a view: nothing is concatenated). The committed prefix
+is a length; committing a verified run moves it; a cancelled run's positions
+are simply overwritten by the next run that covers them. Runs of one
+sequence form a chain (each starts where its parent ends) and reach a stage
+in that order, so the positions a run attends over were written by its
+ancestors, here, before it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compute.line_kv import append_at
+from compute.line_kv import with_room
 from compute.types import FailureCode
 from pipeline.types import CommitKV, FreeSequence, KVOp, Run
 
@@ -30,19 +34,17 @@ class KVBudgetExceeded(KVCacheError):
 
 @dataclass(slots=True)
 class RunChunk:
+    """Where a live run's positions lie, and how many layers it has written."""
+
     run_id: int
     parent_run_id: int | None
     start_pos: int
     num_tokens: int
-    keys: list[torch.Tensor | None]  # per layer [1, kv_heads, num_tokens, d]
-    values: list[torch.Tensor | None]
+    layers_written: int = 0
 
     @property
     def end_pos(self) -> int:
         return self.start_pos + self.num_tokens
-
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
 
 
 class SequenceKV:
@@ -51,7 +53,6 @@ class SequenceKV:
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
         self.committed_len = 0
-        # Buffers grow by doubling; only [:committed_len] along dim 2 is valid.
         self._keys: list[torch.Tensor | None] = [None] * num_layers  # [1, kv_heads, capacity, d]
         self._values: list[torch.Tensor | None] = [None] * num_layers
         self.chunks: dict[int, RunChunk] = {}
@@ -70,10 +71,19 @@ class SequenceKV:
             covered = chunk.end_pos
         if covered != run.start_pos:
             raise KVCacheError(f"run {run.run_id} starts at {run.start_pos} but its context ends at {covered}")
-        chunk = RunChunk(run.run_id, run.parent_run_id, run.start_pos, len(run.token_ids),
-                         [None] * self.num_layers, [None] * self.num_layers)
+        chunk = RunChunk(run.run_id, run.parent_run_id, run.start_pos, len(run.token_ids))
         self.chunks[run.run_id] = chunk
-        return RunKV(self, ancestors, chunk)
+        return RunKV(self, chunk)
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [1, kv_heads, n, d] at positions [start, start+n) -> the
+        layer's keys and values for positions [0, start+n) (views)."""
+        end = start + k.shape[2]
+        self._keys[layer] = with_room(self._keys[layer], end, k)
+        self._values[layer] = with_room(self._values[layer], end, v)
+        self._keys[layer][:, :, start:end] = k
+        self._values[layer][:, :, start:end] = v
+        return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
 
     def committed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.committed_len == 0:
@@ -89,27 +99,22 @@ class SequenceKV:
             raise KVCacheError(
                 f"commit of {num_tokens} tokens of run {run_id} at {chunk.start_pos}, committed length {self.committed_len}"
             )
-        if any(k is None for k in chunk.keys):
+        if chunk.layers_written < self.num_layers:
             raise KVCacheError(f"commit of run {run_id}, which was not fully computed")
-        for layer in range(self.num_layers):
-            self._keys[layer] = append_at(self._keys[layer], self.committed_len, chunk.keys[layer][:, :, :num_tokens])
-            self._values[layer] = append_at(self._values[layer], self.committed_len, chunk.values[layer][:, :, :num_tokens])
         self.committed_len += num_tokens
 
     def drop(self, run_id: int) -> None:
         self.chunks.pop(run_id, None)
 
     def num_bytes(self) -> int:
-        committed = sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
-        return committed + sum(c.num_bytes() for c in self.chunks.values())
+        return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
 
 
 class RunKV:
     """The LayerKV a stage hands to its layers while computing one run."""
 
-    def __init__(self, seq: SequenceKV, ancestors: list[RunChunk], chunk: RunChunk) -> None:
+    def __init__(self, seq: SequenceKV, chunk: RunChunk) -> None:
         self._seq = seq
-        self._ancestors = ancestors
         self._chunk = chunk
 
     @property
@@ -117,18 +122,8 @@ class RunKV:
         return self._chunk.start_pos
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._chunk.keys[layer], self._chunk.values[layer] = k, v
-        keys, values = [], []
-        committed = self._seq.committed(layer)
-        if committed is not None:
-            keys.append(committed[0])
-            values.append(committed[1])
-        for anc in self._ancestors:
-            keys.append(anc.keys[layer])
-            values.append(anc.values[layer])
-        keys.append(k)
-        values.append(v)
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        self._chunk.layers_written = max(self._chunk.layers_written, layer + 1)
+        return self._seq.write(layer, self._chunk.start_pos, k, v)
 
 
 class StageKVCache:

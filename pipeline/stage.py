@@ -175,11 +175,12 @@ class Stage:
             done.append((i, run, hidden))
         if not self.is_last or not done:
             return
-        logits = self.model.logits(torch.cat([hidden for *_, hidden in done], dim=1))  # one read of the head
+        needed = [hidden[:, run.logits_from:] for _, run, hidden in done]
+        logits = self.model.logits(torch.cat(needed, dim=1))  # one read of the head, for the outputs needed
         offset = 0
-        for i, run, hidden in done:
-            outs[i] = self._result(run, logits[offset:offset + hidden.shape[1]])
-            offset += hidden.shape[1]
+        for (i, run, _), rows in zip(done, needed):
+            outs[i] = self._result(run, logits[offset:offset + rows.shape[1]])
+            offset += rows.shape[1]
 
     def _record_span(self, run: Run, started: float, ended: float, out, outcome: str) -> None:
         if isinstance(out, torch.Tensor):
@@ -195,7 +196,7 @@ class Stage:
     def _result(run: Run, logits: torch.Tensor) -> RunResult:
         """Only what verification needs: target tokens, or probs for unseeded sampling."""
         if run.sampling.is_greedy or run.sampling.is_coupled:
-            tokens = target_tokens(logits, run.sampling, run.start_pos + 1)
+            tokens = target_tokens(logits, run.sampling, run.start_pos + run.logits_from + 1)
             return RunResult(run.run_id, run.seq_id, target_token_ids=tokens)
         return RunResult(run.run_id, run.seq_id, target_probs=sampling_probs(logits, run.sampling))
 

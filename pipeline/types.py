@@ -36,6 +36,9 @@ class Run:
     token_ids: tuple[int, ...]
     is_speculative: bool
     sampling: SamplingParams
+    # The outputs verification needs start at this index: the last stage runs
+    # the head (21% of a small model's weights, per position) only from there.
+    logits_from: int = 0
 
     @property
     def end_pos(self) -> int:
@@ -52,8 +55,8 @@ class RunResult:
 
     run_id: int
     seq_id: int
-    target_token_ids: list[int] | None = None  # [num_tokens]
-    target_probs: torch.Tensor | None = None  # [num_tokens, vocab]
+    target_token_ids: list[int] | None = None  # [num_tokens - logits_from]
+    target_probs: torch.Tensor | None = None  # [num_tokens - logits_from, vocab]
     failure: Failure | None = None  # set when a stage failed on this run
 
 

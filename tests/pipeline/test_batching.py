@@ -4,6 +4,7 @@ results equal the runs computed one at a time, whatever is cancelled when."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -105,3 +106,16 @@ def test_one_stage_keeps_every_request_in_one_forward(tiny_target):
     forwards = after["num_forwards"] - before["num_forwards"]
     assert runs == 8 * 16
     assert forwards <= 16 + 4  # a forward per token for all 8 (a few more while the prompts arrive)
+
+
+def test_the_head_runs_only_where_outputs_are_needed(tiny_target):
+    """A root run's outputs before its last token predict text already
+    verified: with logits_from the last stage leaves them out, and the rest
+    are the same."""
+    full = whole_model_stage(tiny_target).process(RUNS[1], None).target_token_ids
+    tail = whole_model_stage(tiny_target).process(dataclasses.replace(RUNS[1], logits_from=4), None)
+    assert tail.target_token_ids == full[4:]
+    seeded = dataclasses.replace(RUNS[1], sampling=SamplingParams(temperature=0.8, seed=7))
+    full = whole_model_stage(tiny_target).process(seeded, None).target_token_ids
+    tail = whole_model_stage(tiny_target).process(dataclasses.replace(seeded, logits_from=3), None)
+    assert tail.target_token_ids == full[3:]  # the coupled noise follows the positions

@@ -76,10 +76,25 @@ def test_free_forgets_the_sequence_and_bad_commits_are_refused():
 
 def test_a_full_budget_refuses_new_sequences_only():
     cache = StageKVCache(num_layers=1, budget_bytes=100)
-    fill(cache.begin_run(make_run(0, 0, 8, seq_id=0)), 8, 1, layers=1)  # 8 tokens * 2 floats * 4 B * k,v = 128 B
+    fill(cache.begin_run(make_run(0, 0, 8, seq_id=0)), 8, 1, layers=1)  # room for 16 positions: 256 B of k and v
     cache.apply(CommitKV(0, 0, 8))
     with pytest.raises(KVBudgetExceeded, match=r"KV cache full: \d+ of 100 bytes in use"):
         cache.begin_run(make_run(1, 0, 2, seq_id=1))
     fill(cache.begin_run(make_run(2, 8, 1, seq_id=0)), 1, 2, layers=1)  # the running sequence goes on
     cache.apply(FreeSequence(0))
     cache.begin_run(make_run(3, 0, 2, seq_id=1))  # room again
+
+
+def test_a_run_writes_in_place_and_a_commit_moves_a_length():
+    """No concatenation, no copy: what a run attends over, and what it
+    commits, is the buffer it wrote its positions into."""
+    cache = StageKVCache(num_layers=2)
+    run_kv = cache.begin_run(make_run(0, 0, 3))
+    k = torch.full((1, 1, 3, 2), 1.0)
+    seen, _ = run_kv.extend(0, k, k.clone())
+    with pytest.raises(KVCacheError, match="not fully computed"):
+        cache.apply(CommitKV(0, 0, 3))  # layer 1 never ran
+    run_kv = cache.begin_run(make_run(1, 0, 3))
+    fill(run_kv, 3, 1)
+    cache.apply(CommitKV(0, 1, 3))
+    assert cache.sequences[0].committed(0)[0].data_ptr() == seen.data_ptr()
