@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--calibrate", action="store_true",
                        help="also write OUT/profile.json, this run as a simulation profile: --simulate OUT/profile.json "
                             "replays it (stage times by run size, hops, draft time, all measured)")
+    bench.add_argument("--long-prompt", type=int, default=None, metavar="TOKENS",
+                       help="also time a short request alone and while a prompt of TOKENS tokens is prefilled "
+                            "(results.json 'long_prompt'; chunks: --prefill-chunk)")
     bench.set_defaults(handler=_bench)
 
     make_pair = commands.add_parser("make-pair", help="build a benchmark target whose layers:N self-draft agrees "
@@ -158,11 +161,15 @@ def _add_engine_args(parser: argparse.ArgumentParser, with_mode: bool = True) ->
                         help="pipeinfer mode launches a guess while the measured chance that it, and every guess "
                              "before it, is accepted stays at least this (default: 1 / the model's layers, times the "
                              "requests running)")
+    parser.add_argument("--prefill-chunk", type=int, default=spec.prefill_chunk,
+                        help="a longer prompt goes through the stages in chunks of this many tokens, sharing each "
+                             "forward with the other requests (smaller: less wait for them, a slower long prompt)")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     speculation = SpeculationConfig(mode=Mode(getattr(args, "mode", Mode.PIPEINFER)), draft_len=args.draft_len,
-                                    max_runs_in_flight=args.max_in_flight, min_accept_prob=args.min_accept_prob)
+                                    max_runs_in_flight=args.max_in_flight, min_accept_prob=args.min_accept_prob,
+                                    prefill_chunk=args.prefill_chunk)
     return EngineConfig(model=args.model, draft=args.draft, num_stages=args.stages, dtype=args.dtype,
                         transport=args.transport, ray_address=args.ray_address,
                         kv_budget_bytes=args.kv_budget_bytes, stage_cpus=args.stage_cpus,
@@ -220,9 +227,15 @@ def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(engine=_engine_config(args), modes=modes,
                          prompts=load_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS,
                          max_tokens=args.max_tokens, repeat=args.repeat, concurrency=concurrency,
-                         out_dir=args.out, baselines=tuple(_csv(args.baselines)), calibrate=args.calibrate)
+                         out_dir=args.out, baselines=tuple(_csv(args.baselines)), calibrate=args.calibrate,
+                         long_prompt=args.long_prompt)
     results = run_bench(config, show_progress=True)
     print(format_summary(results))
+    if "long_prompt" in results:
+        lp = results["long_prompt"]
+        print(f"a {lp['short_tokens']}-token request: {lp['short_alone_ms']} ms alone, {lp['short_during_ms']} ms during "
+              f"a {lp['long_prompt_tokens']}-token prompt (3x alone + one {lp['prefill_chunk']}-token chunk: "
+              f"{lp['bound_ms']} ms); the long prompt's first token after {lp['long_first_token_s']} s")
     print(f"wrote {args.out / 'results.json'} and " + ", ".join(str(args.out / f) for f in results["files"].values()))
     return 0
 

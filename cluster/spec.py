@@ -51,6 +51,9 @@ class SpeculationSpec(_Strict):
     min_accept_prob: float | None = Field(_SPECULATION.min_accept_prob, ge=0, le=1, description=(
         "pipeinfer launches a guess while the measured chance that it and every guess before it are accepted "
         "stays at least this; absent: 1 / the model's layers, times the requests running."))
+    prefill_chunk: int = Field(_SPECULATION.prefill_chunk, ge=1, description=(
+        "A longer prompt goes through the stages in chunks of this many tokens, sharing each forward with the "
+        "other requests (smaller: less wait for them, a slower long prompt)."))
 
     def to_config(self) -> SpeculationConfig:
         return SpeculationConfig(**self.model_dump())

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class BenchConfig:
     out_dir: Path = Path("bench-out")
     baselines: tuple[str, ...] = ()  # vllm, vllm-ngram, vllm-draft:PATH
     calibrate: bool = False  # also write profile.json: this run as a simulation profile (loadtests/calibrate.py)
+    long_prompt: int | None = None  # also time a short request alone and during a prompt of this many tokens
 
     def __post_init__(self) -> None:
         if not self.modes and not self.baselines:
@@ -185,12 +187,15 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
         for runner in runners:  # warm up: first-call costs (allocation, compilation) stay out of the figures
             runner.run(prompts[:1], min(4, config.max_tokens), 1)
         records = _measure(config, runners, prompts, show_progress)
+        during_long = _short_during_long(engine, prompts[0], config.long_prompt) if config.long_prompt else None
     finally:
         for runner in runners:
             if isinstance(runner, BaselineRunner):
                 runner.close()
         engine.close()
     results = _results(config, engine, records)
+    if during_long is not None:
+        results["long_prompt"] = during_long
     results["files"] = write_plots(results, records, config.out_dir)
     if config.calibrate:
         profile = calibrate(records, name=f"measured:{config.out_dir.name}", num_stages=engine.transport.num_stages,
@@ -201,6 +206,47 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
         results["files"]["profile"] = "profile.json"
     (config.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+SHORT_TOKENS = 4  # the short request's answer, alone and during the long prompt
+
+
+def _short_during_long(engine: Engine, prompt: list[int], long_tokens: int) -> dict:
+    """A short request (the first prompt, SHORT_TOKENS tokens) alone, then
+    sent while a prompt of long_tokens tokens (the first prompt repeated) is
+    being prefilled: how long it waits behind it, against 3x its time alone
+    plus one chunk's forward (chunks: --prefill-chunk)."""
+    check_context(long_tokens, 1, engine.max_context, "--long-prompt")
+    engine.set_speculation(dataclasses.replace(engine.speculation, mode=Mode.AR))
+    short = GenerationRequest(tuple(prompt), SHORT_TOKENS, SamplingParams(), stop_token_ids=frozenset())
+    engine.complete(short)
+    started = time.monotonic()
+    engine.complete(short)
+    alone_s = time.monotonic() - started
+    long = GenerationRequest(tuple((prompt * (long_tokens // len(prompt) + 1))[:long_tokens]), 1, SamplingParams(),
+                             stop_token_ids=frozenset())
+    engine.stage_spans()  # drop what came before
+    first_token_at: list[float] = []
+    long_started = time.monotonic()
+    thread = threading.Thread(target=lambda: first_token_at.append(
+        engine.complete(long).stats.first_token_s or 0.0), name="long-prompt")
+    thread.start()
+    time.sleep(min(1.0, alone_s * 5))  # the long prompt is well under way
+    started = time.monotonic()
+    engine.complete(short)
+    during_s = time.monotonic() - started
+    thread.join()
+    chunk = engine.speculation.prefill_chunk
+    spans = [s for s in engine.stage_spans() if s.num_tokens == chunk and s.outcome == "computed"]
+    chunk_s = 0.0  # a chunk's forward through every stage: the median at each, summed
+    for stage in {s.stage for s in spans}:
+        times = sorted(s.duration_s for s in spans if s.stage == stage)
+        chunk_s += times[len(times) // 2]
+    return {"mode": "ar", "long_prompt_tokens": long_tokens, "prefill_chunk": chunk, "short_tokens": SHORT_TOKENS,
+            "short_alone_ms": round(alone_s * 1000, 1), "short_during_ms": round(during_s * 1000, 1),
+            "chunk_forward_ms": round(chunk_s * 1000, 1),
+            "bound_ms": round((3 * alone_s + chunk_s) * 1000, 1),
+            "long_first_token_s": round(first_token_at[0] if first_token_at else time.monotonic() - long_started, 2)}
 
 
 def _measure(config: BenchConfig, runners: list[Runner], prompts: list[list[int]],

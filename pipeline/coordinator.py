@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 STALL_TIMEOUT_S = 120.0  # no result for a request, and no stage progress, for this long: it is stalled
 WATCHDOG_INTERVAL_S = 1.0  # how often the loop checks for dead stages and stalled requests
+# A request running alone sends its prompt in chunks this many times larger:
+# nobody waits behind them but a newcomer, for one chunk at most.
+ALONE_CHUNKS = 8
 
 
 class Coordinator:
@@ -238,6 +241,8 @@ class Coordinator:
     # ---- launch ----------------------------------------------------------
 
     def _launch(self, seq: SequenceState) -> None:
+        if self._prefill(seq):
+            return
         mode = self.config.mode
         if mode is Mode.AR:
             if not seq.chain:
@@ -258,6 +263,24 @@ class Coordinator:
                     break
                 self._submit(seq, guesses, value)
             self._ask_draft(seq, self._wanted_upto(seq, cap))
+
+    def _prefill(self, seq: SequenceState) -> bool:
+        """Send a long prompt a chunk at a time (SpeculationConfig.prefill_chunk;
+        ALONE_CHUNKS times that while no other request runs), until what is
+        left fits in the root run. -> whether the sequence is prefilling."""
+        if seq.chain:
+            return seq.chain[-1].end_pos < len(seq.token_ids)  # a chunk is in flight
+        chunk = self.config.prefill_chunk * (1 if len(self._seqs) > 1 else ALONE_CHUNKS)
+        if len(seq.token_ids) - seq.committed_len <= chunk:
+            return False
+        start = seq.committed_len
+        run = Run(next(self._run_ids), seq.seq_id, None, start, tuple(seq.token_ids[start:start + chunk]),
+                  is_speculative=False, sampling=seq.request.sampling, logits_from=chunk)  # no outputs
+        seq.launched[run.run_id] = Launched([None] * chunk, 1.0)
+        seq.chain.append(run)
+        seq.stats.num_runs += 1
+        self.transport.submit(run)
+        return True
 
     def _budget(self, seq: SequenceState, most: int) -> int:
         """Guesses that fit after the chain: no run computes a position whose
@@ -371,6 +394,11 @@ class Coordinator:
 
     def _verify(self, seq: SequenceState, run: Run, result: RunResult) -> None:
         """Accept the longest agreeing prefix plus one target token."""
+        if run.end_pos < len(seq.token_ids):  # a chunk of the prompt: nothing to verify
+            seq.launched.pop(run.run_id)
+            self.transport.send_kv_op(CommitKV(seq.seq_id, run.run_id, len(run.token_ids)))
+            seq.committed_len = run.end_pos
+            return
         first = len(seq.token_ids) - 1 - run.start_pos  # the output predicting the next position
         assert 0 <= first < len(run.token_ids), (run, len(seq.token_ids))
         # The guess for each output's position: the run's next input, and

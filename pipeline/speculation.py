@@ -55,6 +55,11 @@ class SpeculationConfig:
     max_runs_in_flight: int | None = None
     # Launch a guess while P(it and all before it are accepted) >= this; None: by the pipeline's depth and load.
     min_accept_prob: float | None = None
+    # While other requests run, a longer prompt goes through the stages in chunks
+    # of this many tokens, one in flight at a time, each sharing its forward with
+    # their runs: it holds them up by a chunk, not by its whole length (alone, in
+    # chunks 8 times larger). Smaller: less wait for others, a slower long prompt.
+    prefill_chunk: int = 32
 
     def __post_init__(self) -> None:
         if self.draft_len < 1:
@@ -63,6 +68,8 @@ class SpeculationConfig:
             raise ValueError(f"max_runs_in_flight must be >= 1, got {self.max_runs_in_flight}")
         if self.min_accept_prob is not None and not 0.0 <= self.min_accept_prob <= 1.0:
             raise ValueError(f"min_accept_prob must be in [0, 1], got {self.min_accept_prob}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
 
     def runs_in_flight(self, num_stages: int) -> int:
         return self.max_runs_in_flight or num_stages + 1

@@ -37,8 +37,8 @@ def test_generate_names_paris_with_every_draft(default_model, draft, mode, stage
                 "num_accepted_tokens"):
         assert key in stats
     assert stats["tokens_per_s"] > 0 and stats["num_runs"] >= 1
-    if draft == str(default_model):
-        assert stats["acceptance_rate"] == 1.0
+    if draft == str(default_model):  # every guess it launched was right (on this machine the draft, as costly as
+        assert stats["num_accepted_tokens"] == stats["num_draft_tokens"]  # a pass, shares the cores: few or none)
 
 
 @pytest.mark.slow

@@ -56,6 +56,16 @@ def test_bench_writes_results_plots_and_trace(tmp_path, tiny_text_model):
     assert results["setup"]["clock"] == "wall seconds"
 
 
+def test_bench_times_a_short_request_during_a_long_prompt(tmp_path, tiny_text_model):
+    out = tmp_path / "out"
+    assert main(["bench", "--model", str(tiny_text_model), "--draft", "none", "--modes", "ar", "--max-tokens", "4",
+                 "--repeat", "1", "--prefill-chunk", "16", "--long-prompt", "300", "--out", str(out)]) == 0
+    figures = json.loads((out / "results.json").read_text())["long_prompt"]
+    assert figures["long_prompt_tokens"] == 300 and figures["prefill_chunk"] == 16
+    assert figures["short_alone_ms"] > 0 and figures["short_during_ms"] > 0 and figures["chunk_forward_ms"] > 0
+    assert figures["bound_ms"] == pytest.approx(3 * figures["short_alone_ms"] + figures["chunk_forward_ms"], abs=0.2)
+
+
 def test_simulated_bench_reports_the_floor(tmp_path, eight_layer_text_model):
     out = tmp_path / "out"
     assert main(["bench", "--model", str(eight_layer_text_model), "--draft", "synthetic:0.8",

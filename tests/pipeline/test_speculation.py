@@ -44,7 +44,8 @@ def test_an_informative_confidence_sorts_the_guesses():
     assert model.probability(0.95) > 0.9 and model.probability(0.05) < 0.1
 
 
-@pytest.mark.parametrize("field,value", [("draft_len", 0), ("max_runs_in_flight", 0), ("min_accept_prob", 1.5)])
+@pytest.mark.parametrize("field,value", [("draft_len", 0), ("max_runs_in_flight", 0), ("min_accept_prob", 1.5),
+                                         ("prefill_chunk", 0)])
 def test_bad_speculation_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         SpeculationConfig(**{field: value})

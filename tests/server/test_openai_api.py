@@ -16,11 +16,8 @@ PROMPT = "Once upon a time, in a land far away,"
 
 @pytest.fixture(scope="module", params=MODES)
 def tiny_server(request, tiny_text_model):
-    # --min-accept-prob 0: this draft costs about what the tiny target does and
-    # shares its cores, so the measured policy would rightly not speculate;
-    # these tests are about the API's speculation figures, so speculate by hand.
     with ServerProcess("--model", str(tiny_text_model), "--draft", "layers:2", "--stages", "2",
-                       "--mode", request.param, "--min-accept-prob", "0", "--served-model-name", "tiny") as server:
+                       "--mode", request.param, "--served-model-name", "tiny") as server:
         yield server, request.param
 
 
@@ -51,8 +48,8 @@ def test_completion_equals_target_greedy(tiny_server, tiny_text_model, tokenizer
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     speculation = usage.model_extra["speculation"]
     assert set(speculation) == {"draft_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_len"}
-    if mode != "ar":
-        assert speculation["draft_tokens"] > 0
+    if mode == "sync":  # it waits for its guesses; pipeinfer mode launches them only if they are in time and
+        assert speculation["draft_tokens"] > 0  # worth it (this draft costs what the tiny target does, on its cores)
 
 
 def test_streaming_equals_non_streaming(tiny_server):
