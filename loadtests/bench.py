@@ -73,6 +73,8 @@ class BenchConfig:
             raise ValueError("max_tokens, repeat and every concurrency must be >= 1")
         if self.baselines and self.engine.simulate:
             raise ValueError("--baselines run vLLM on this machine: they cannot be compared with --simulate")
+        if self.long_prompt is not None and (self.long_prompt < 2 or self.engine.simulate):
+            raise ValueError("--long-prompt takes a prompt length >= 2, timed on this machine (not with --simulate)")
 
 
 @dataclass(slots=True)

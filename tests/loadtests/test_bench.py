@@ -94,6 +94,8 @@ def test_bad_bench_arguments_are_clear_errors(capsys, tiny_text_model):
     assert "--modes takes ar, sync, pipeinfer" in capsys.readouterr().err
     assert main(["bench", "--model", str(tiny_text_model), "--simulate", "moon"]) == 2
     assert "unknown simulation profile 'moon'" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tiny_text_model), "--long-prompt", "1"]) == 2
+    assert "--long-prompt takes a prompt length >= 2" in capsys.readouterr().err
 
 
 def test_shipped_prompt_sets_are_conversations(tiny_text_model):
