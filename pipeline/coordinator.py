@@ -273,13 +273,7 @@ class Coordinator:
         chunk = self.config.prefill_chunk * (1 if len(self._seqs) > 1 else ALONE_CHUNKS)
         if len(seq.token_ids) - seq.committed_len <= chunk:
             return False
-        start = seq.committed_len
-        run = Run(next(self._run_ids), seq.seq_id, None, start, tuple(seq.token_ids[start:start + chunk]),
-                  is_speculative=False, sampling=seq.request.sampling, logits_from=chunk)  # no outputs
-        seq.launched[run.run_id] = Launched([None] * chunk, 1.0)
-        seq.chain.append(run)
-        seq.stats.num_runs += 1
-        self.transport.submit(run)
+        self._submit(seq, [], chunk=chunk)
         return True
 
     def _budget(self, seq: SequenceState, most: int) -> int:
@@ -344,12 +338,14 @@ class Coordinator:
                                           upto, seq.request.sampling))
         seq.told_len, seq.asked_upto = len(seq.token_ids), upto
 
-    def _submit(self, seq: SequenceState, guesses: list[Guess], value: float = 1.0) -> None:
+    def _submit(self, seq: SequenceState, guesses: list[Guess], value: float = 1.0, chunk: int | None = None) -> None:
         """A run of the unverified tip (a root run, when the chain is empty)
-        or of the positions after the chain, then the guesses."""
+        or of the positions after the chain, then the guesses. chunk: a root
+        run of only the tip's first `chunk` tokens, a piece of a long prompt
+        whose outputs nobody needs (_prefill)."""
         parent = seq.chain[-1] if seq.chain else None
         start_pos = parent.end_pos if parent else seq.committed_len
-        tip = [] if parent else seq.token_ids[seq.committed_len:]
+        tip = [] if parent else seq.token_ids[seq.committed_len:][:chunk]
         run = Run(
             run_id=next(self._run_ids),
             seq_id=seq.seq_id,
@@ -358,7 +354,8 @@ class Coordinator:
             token_ids=(*tip, *(g.token_id for g in guesses)),
             is_speculative=bool(guesses),
             sampling=seq.request.sampling,
-            logits_from=max(0, len(tip) - 1),  # a root run's outputs before its last verified token are known
+            # A root run's outputs before its last verified token are known (a chunk's, all of them).
+            logits_from=len(tip) if chunk is not None else max(0, len(tip) - 1),
         )
         seq.launched[run.run_id] = Launched([None] * len(tip) + list(guesses), value,
                                             submitted_at=None if parent else self.clock())

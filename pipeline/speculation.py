@@ -103,11 +103,12 @@ class DraftHistory:
     of its last HISTORY_GUESSES judged guesses (a new request's starting
     rate, PRIOR_RATE before any), and its compute per guess."""
 
-    __slots__ = ("_verdicts", "_guesses")
+    __slots__ = ("_verdicts", "_guesses", "_num_guesses", "_seconds")
 
     def __init__(self) -> None:
         self._verdicts: deque[bool] = deque(maxlen=HISTORY_GUESSES)
         self._guesses: deque[tuple[int, float]] = deque(maxlen=DRAFT_COST_BATCHES)  # (guesses, seconds)
+        self._num_guesses, self._seconds = 0, 0.0  # their totals (read at every launch)
 
     def observe(self, is_accepted: bool) -> None:
         self._verdicts.append(is_accepted)
@@ -116,13 +117,19 @@ class DraftHistory:
         return (sum(self._verdicts) + PRIOR_RATE * PRIOR_WEIGHT) / (len(self._verdicts) + PRIOR_WEIGHT)
 
     def observe_compute(self, num_guesses: int, seconds: float) -> None:
-        if num_guesses:
-            self._guesses.append((num_guesses, seconds))
+        if not num_guesses:
+            return
+        if len(self._guesses) == self._guesses.maxlen:
+            old_guesses, old_seconds = self._guesses[0]  # about to fall out
+            self._num_guesses -= old_guesses
+            self._seconds -= old_seconds
+        self._guesses.append((num_guesses, seconds))
+        self._num_guesses += num_guesses
+        self._seconds += seconds
 
     def seconds_per_guess(self) -> float:
         """The draft's compute per guess over its recent batches (0 before any)."""
-        num_guesses = sum(n for n, _ in self._guesses)
-        return sum(s for _, s in self._guesses) / num_guesses if num_guesses else 0.0
+        return self._seconds / self._num_guesses if self._num_guesses else 0.0
 
 
 class AcceptanceModel:
@@ -173,6 +180,9 @@ class AcceptanceModel:
             self._history.observe(is_accepted)
 
 
+_STALE = object()  # RunCost's fit, before it is computed for the current samples
+
+
 class RunCost:
     """How long a pipeline pass takes for a run of n tokens, a + b * n, fit
     by least squares over the last RUN_COST_SAMPLES root runs of decode size
@@ -182,12 +192,20 @@ class RunCost:
 
     def __init__(self) -> None:
         self._samples: deque[tuple[int, float]] = deque(maxlen=RUN_COST_SAMPLES)
+        self._fitted: tuple[float, float] | None | object = _STALE  # the fit of the samples as they are
 
     def observe(self, num_tokens: int, seconds: float) -> None:
         self._samples.append((num_tokens, seconds))
+        self._fitted = _STALE
 
     def _fit(self) -> tuple[float, float] | None:
-        """(a, b) by least squares, once runs of two sizes were seen."""
+        """(a, b) by least squares, once runs of two sizes were seen; fit
+        once per new sample (the coordinator asks at every launch)."""
+        if self._fitted is _STALE:
+            self._fitted = self._least_squares()
+        return self._fitted
+
+    def _least_squares(self) -> tuple[float, float] | None:
         n = len(self._samples)
         xs = [x for x, _ in self._samples]
         if n < 4 or min(xs) == max(xs):
