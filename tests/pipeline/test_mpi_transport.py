@@ -35,7 +35,7 @@ def test_mpi_ranks_are_lossless(tiny_text_model, mode, draft):
                           "--max-tokens", "16", "--ignore-eos", "--min-accept-prob", "0")
     ids = AutoTokenizer.from_pretrained(tiny_text_model).encode(prompt)
     assert result["token_ids"] == greedy_reference(tiny_text_model, ids, 16)
-    if mode != "ar" and draft != "ngram":  # (this prompt's text never repeats: n-gram lookup finds nothing)
+    if mode == "sync":  # it waits for the draft rank; pipeinfer mode takes guesses only when they are ready in time
         assert result["stats"]["num_draft_tokens"] > 0
 
 
