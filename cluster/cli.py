@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cluster import up as cluster_up
 from cluster.layout import format_table
-from cluster.spec import SpecError
+from cluster.spec import DEFAULT_NAME, SpecError
 from compute.model_source import ModelSourceError
 from compute.stage_model import DTYPES
 from compute.types import SamplingParams
@@ -23,7 +23,7 @@ from pipeline.engine import TRANSPORTS, Engine, EngineConfig, GenerationError
 from pipeline.sim_profiles import PROFILES
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode
-from server.app import ServerSettings
+from server.app import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,9 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_engine_args(generate)
     generate.add_argument("--prompt", required=True, help="the prompt text (raw, no chat template)")
     generate.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--top-k", type=int, default=0, help="0 = off")
+    sampling = SamplingParams()  # the defaults live there
+    generate.add_argument("--temperature", type=float, default=sampling.temperature,
+                          help=f"0 = greedy (default {sampling.temperature:g})")
+    generate.add_argument("--top-p", type=float, default=sampling.top_p)
+    generate.add_argument("--top-k", type=int, default=sampling.top_k, help="0 = off")
     generate.add_argument("--seed", type=int, default=None,
                           help="seeded sampling: the same text in every mode, draft and stage count")
     generate.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
@@ -64,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     _add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST}: this machine only)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--api-key", action="append", default=None,
                        help="require 'Authorization: Bearer KEY' (repeatable; or $PIPEINFER_API_KEY)")
     serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: from --model)")
@@ -127,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (("status", "show a deployment's stage map, KV use and requests"),
                             ("down", "stop everything `pipeinfer up` started, and nothing else")):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--name", default="pipeinfer", help="the deployment's name (the spec's `name`)")
+        command.add_argument("--name", default=DEFAULT_NAME, help="the deployment's name (the spec's `name`)")
         command.set_defaults(handler=lambda args, fn=getattr(cluster_up, name): fn(args.name))
     return parser
 
@@ -167,7 +169,7 @@ def _add_engine_args(parser: argparse.ArgumentParser, with_mode: bool = True) ->
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    speculation = SpeculationConfig(mode=Mode(getattr(args, "mode", Mode.PIPEINFER)), draft_len=args.draft_len,
+    speculation = SpeculationConfig(mode=Mode(getattr(args, "mode", SpeculationConfig().mode)), draft_len=args.draft_len,
                                     max_runs_in_flight=args.max_in_flight, min_accept_prob=args.min_accept_prob,
                                     prefill_chunk=args.prefill_chunk)
     return EngineConfig(model=args.model, draft=args.draft, num_stages=args.stages, dtype=args.dtype,

@@ -73,11 +73,10 @@ def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLay
 def _draft_params(text: str, costs: ModelCosts, model_dir: Path) -> int:
     """Compute per token the draft adds to the stage whose node runs it."""
     spec = parse_draft(text)
-    if spec.kind in ("none", "ngram", "synthetic"):  # synthetic's cost is modelled by --simulate
+    if spec.is_free or spec.kind == "synthetic":  # synthetic's cost is modelled by --simulate
         return 0
     if spec.kind == "layers":
-        if not 1 <= spec.num_layers <= len(costs.layer_params):
-            raise spec.error(f"N must be in 1..{len(costs.layer_params)} (the target's layers)")
+        spec.check_layers(len(costs.layer_params))
         return sum(costs.layer_params[: spec.num_layers]) + costs.head_params
     if spec.kind == "int8":
         return (sum(costs.layer_params) + costs.head_params) // 4  # int8 weights: a quarter of float32 bytes

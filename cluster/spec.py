@@ -27,7 +27,10 @@ from draft_models import DRAFT_HELP, parse_draft
 from pipeline.engine import EngineConfig
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode
-from server.app import ServerSettings
+from server.app import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
+
+
+DEFAULT_NAME = "pipeinfer"  # a deployment's name when its spec gives none (up, status, down)
 
 
 class SpecError(ValueError):
@@ -45,8 +48,8 @@ DType = Literal[tuple(DTYPES)]
 
 class SpeculationSpec(_Strict):
     mode: Mode = Field(_SPECULATION.mode, description="ar, sync or pipeinfer.")
-    draft_len: int = Field(_SPECULATION.draft_len, ge=1, le=16, description="Most draft tokens per run.")
-    max_runs_in_flight: int | None = Field(_SPECULATION.max_runs_in_flight, ge=1, le=64, description=(
+    draft_len: int = Field(_SPECULATION.draft_len, ge=1, description="Most draft tokens per run.")
+    max_runs_in_flight: int | None = Field(_SPECULATION.max_runs_in_flight, ge=1, description=(
         "Most runs in flight per request (pipeinfer); absent: one per stage plus one."))
     min_accept_prob: float | None = Field(_SPECULATION.min_accept_prob, ge=0, le=1, description=(
         "pipeinfer launches a guess while the measured chance that it and every guess before it are accepted "
@@ -87,8 +90,8 @@ _LIMITS = ServerSettings(served_model_name="")  # the gateway's defaults live th
 
 
 class GatewaySpec(_Strict):
-    host: str = Field("127.0.0.1", description="Bind address.")
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field(DEFAULT_HOST, description="Bind address.")
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
     served_model_name: str | None = Field(None, description="Name clients send; default from the model.")
     api_key_envs: list[str] = Field(default_factory=list,
                                     description="Environment variables holding accepted API keys.")
@@ -103,14 +106,14 @@ class GatewaySpec(_Strict):
 
 
 class ClusterSpec(_Strict):
-    name: str = Field("pipeinfer", pattern=r"^[A-Za-z0-9_.-]+$", description="Names this deployment (for down/status).")
+    name: str = Field(DEFAULT_NAME, pattern=r"^[A-Za-z0-9_.-]+$", description="Names this deployment (for down/status).")
     model: str = Field(_ENGINE.model, description="'default', a Hugging Face directory, or a .gguf file.")
     draft: str = Field(_ENGINE.draft, description=f"The draft. {DRAFT_HELP}.")
     dtype: DType = Field(_ENGINE.dtype, description="Default compute dtype.")
     speculation: SpeculationSpec = Field(default_factory=SpeculationSpec)
     stages: int | list[StageSpec] = Field(_ENGINE.num_stages, description="A count (split automatically) or one entry per stage.")
     stage_memory_gb: float | None = Field(None, gt=0, description="With a stage count: memory each stage may use.")
-    draft_stage: int | None = Field(0, ge=0, description=(
+    draft_stage: int | None = Field(_ENGINE.draft_stage, ge=0, description=(
         "The stage whose node also runs the draft: it takes fewer layers, and the draft's actor goes beside it "
         "when that node has draft_cpus free (else on any node that has)."))
     draft_cpus: int = Field(_ENGINE.draft_cpus, ge=1, description=(

@@ -16,6 +16,7 @@ class FailureCode(str, Enum):
     STAGE_ERROR = "stage_error"  # a stage raised while computing
     STALLED = "stalled"  # nothing progressed anywhere in the pipeline for too long
     SHUTTING_DOWN = "shutting_down"  # the server stopped before the request finished
+    LOAD_FAILED = "load_failed"  # the engine could not be loaded: the server will never be ready
     INTERNAL = "internal"  # the coordinator failed (a bug)
 
 

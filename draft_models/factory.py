@@ -27,8 +27,7 @@ def load_draft(text: str, target_dir: Path, dtype: torch.dtype = torch.float32, 
     if spec.kind == "ngram":
         return NGramDraft()
     if spec.kind == "layers":
-        if not 1 <= spec.num_layers <= num_layers:
-            raise spec.error(f"N must be in 1..{num_layers} (the target's layers)")
+        spec.check_layers(num_layers)
         return ModelDraft(spec.text, _packed_model(target_dir, spec.num_layers, dtype))
     if spec.kind == "synthetic":
         oracle = ModelDraft("target", _packed_model(target_dir, num_layers, dtype))

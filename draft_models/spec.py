@@ -39,6 +39,11 @@ class DraftSpec:
     def error(self, message: str) -> DraftSpecError:
         return DraftSpecError(f"--draft {self.text!r}: {message}")
 
+    def check_layers(self, target_layers: int) -> None:
+        """layers:N takes N of the target's layers: 1..all of them."""
+        if self.kind == "layers" and not 1 <= self.num_layers <= target_layers:
+            raise self.error(f"N must be in 1..{target_layers} (the target's layers)")
+
 
 def parse_draft(text: str) -> DraftSpec:
     """The syntax only; what needs the target (N within its layers, a shared

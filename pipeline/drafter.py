@@ -218,7 +218,7 @@ class ThreadDrafter:
         self._thread.join(timeout=10)
 
     def where(self) -> dict:
-        return {"runs_on": "thread", "cores": self._cores, "pid": os.getpid()}
+        return {"runs_on": "thread", "cores": self._cores, "pid": os.getpid(), "thread_id": self._thread.native_id}
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)

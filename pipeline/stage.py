@@ -179,7 +179,10 @@ class Stage:
         logits = self.model.logits(torch.cat(needed, dim=1))  # one read of the head, for the outputs needed
         offset = 0
         for (i, run, _), rows in zip(done, needed):
-            outs[i] = self._result(run, logits[offset:offset + rows.shape[1]])
+            try:  # a request whose own parameters cannot be computed fails alone, not the runs beside it
+                outs[i] = self._result(run, logits[offset:offset + rows.shape[1]])
+            except Exception as exc:
+                outs[i] = stage_failure(run, self.stage_index, exc)
             offset += rows.shape[1]
 
     def _record_span(self, run: Run, started: float, ended: float, out, outcome: str) -> None:

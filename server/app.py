@@ -40,6 +40,10 @@ STREAM_OR_JSON = {"content": {"text/event-stream": {"schema": {
     "type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}}}}
 
 
+# Where the gateway listens unless told: this machine only.
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     served_model_name: str
@@ -80,7 +84,7 @@ def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
         if state == "loading":
             raise APIError(503, "the model is still loading; retry shortly", code="loading")
         if state != "ok":
-            raise APIError(503, f"the engine is not healthy ({state}): {host.error or 'a stage is down'}",
+            raise APIError(503, f"the engine is not healthy ({state}): {host.failure.message if host.failure else 'a stage is down'}",
                            code="unhealthy")
         return host.engine
 
@@ -95,7 +99,7 @@ def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
         state = await asyncio.to_thread(lambda: host.state)
         stages = await asyncio.to_thread(_stage_stats_or_none, host)
         draft = host.engine.draft_where() if host.engine is not None else None
-        body = Health(status=state, stages=stages, draft=draft, detail=host.error)
+        body = Health(status=state, stages=stages, draft=draft, detail=host.failure and host.failure.message)
         return JSONResponse(body.model_dump(), status_code=200 if state == "ok" else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from compute.types import Failure, FailureCode
 from pipeline.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -17,7 +18,7 @@ class EngineHost:
         self._load = load
         self._thread: threading.Thread | None = None
         self.engine: Engine | None = None
-        self.error: str | None = None
+        self.failure: Failure | None = None  # why loading failed
         self._owns_engine = True
 
     @classmethod
@@ -38,11 +39,16 @@ class EngineHost:
             self.engine = self._load()
         except Exception as exc:
             log.exception("loading the engine failed")
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.failure = Failure.of(exc, FailureCode.LOAD_FAILED)
+
+    def wait_loaded(self, timeout_s: float) -> None:
+        """Until loading ended (loaded or failed), at most timeout_s."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     @property
     def state(self) -> str:
-        if self.error is not None:
+        if self.failure is not None:
             return "failed"
         if self.engine is None:
             return "loading"

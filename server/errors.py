@@ -42,6 +42,7 @@ FAILURE_STATUS = {
     FailureCode.STAGE_DOWN: 503,
     FailureCode.STALLED: 503,
     FailureCode.SHUTTING_DOWN: 503,
+    FailureCode.LOAD_FAILED: 503,
     FailureCode.STAGE_ERROR: 500,
     FailureCode.INTERNAL: 500,
 }

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from compute.types import FailureCode
 from pipeline.engine import Engine
 from pipeline.types import GenerationStats, TokenEvent
 from server.errors import APIError
@@ -55,8 +56,9 @@ async def run_generation(engine: Engine, prepared: PreparedRequest, metrics: Ser
                     if text.is_stopped:
                         stream.abort()
                 continue
-            if event.finish_reason == "error":
-                metrics.record_finish("error", event.stats)
+            if event.finish_reason == "error":  # the client's fault is not counted as the server's
+                metrics.record_finish("bad_request" if event.failure.code is FailureCode.BAD_REQUEST else "error",
+                                      event.stats)
                 raise APIError.of(event.failure)
             reason = "stop" if text.is_stopped else event.finish_reason
             tail = text.flush()

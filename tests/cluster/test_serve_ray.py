@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -32,7 +33,12 @@ def stages(server) -> list[dict]:
     return httpx.get(server.url + "/health", timeout=30).json()["stages"]
 
 
+def private_ray_dirs() -> set[Path]:
+    return set(Path("/tmp").glob("pipeinfer-ray-*"))
+
+
 def test_private_ray_restarts_a_killed_stage_and_leaves_nothing(tiny_text_model):
+    before = private_ray_dirs()
     with ServerProcess("--model", str(tiny_text_model), "--served-model-name", "tiny", "--stages", "2",
                        "--transport", "ray", "--shutdown-grace", "2") as server:
         tree = process_tree(server.proc.pid)  # recorded at startup: orphans would be re-parented later
@@ -82,6 +88,45 @@ def test_private_ray_restarts_a_killed_stage_and_leaves_nothing(tiny_text_model)
         assert text == tokenizer.decode(greedy_reference(tiny_text_model, tokenizer.encode(prompt), 12))
 
         everything = tree + process_tree(server.proc.pid)  # the restarted actor too
+        ray_dirs = private_ray_dirs() - before
+        assert ray_dirs
         server.proc.send_signal(signal.SIGTERM)
-        server.proc.wait(2 + 5)
-    assert_gone(everything, within_s=10)
+        signalled = time.monotonic()
+        server.proc.wait(10)
+    assert_gone(everything, within_s=10 - (time.monotonic() - signalled))  # 10 s from the signal, all of it
+    assert not any(d.exists() for d in ray_dirs)
+
+
+def test_a_second_signal_exits_at_once_and_the_reaper_still_cleans_up(tiny_text_model):
+    """SIGINT twice (an impatient Ctrl-C) while a stream holds the grace
+    period open: the server exits at once, without its own cleanup; the
+    reaper it started removes the private Ray within 10 s."""
+    before = private_ray_dirs()
+    with ServerProcess("--model", str(tiny_text_model), "--served-model-name", "tiny", "--stages", "2",
+                       "--transport", "ray") as server:
+        everything = process_tree(server.proc.pid)
+        ray_dirs = private_ray_dirs() - before
+        assert {"gcs_server", "raylet"} <= {p.name() for p in everything} and ray_dirs
+        streaming = threading.Event()
+
+        def long_stream():
+            body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2000, "stream": True, "ignore_eos": True}
+            try:
+                with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+                    for _ in response.iter_lines():
+                        streaming.set()
+            except httpx.HTTPError:
+                pass  # cut off by the exit: expected
+
+        threading.Thread(target=long_stream, daemon=True).start()
+        assert streaming.wait(60)
+        server.proc.send_signal(signal.SIGINT)  # a 10 s grace period begins
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        server.proc.wait(3)
+    assert_gone(everything, within_s=10 - (time.monotonic() - signalled))
+    deadline = signalled + 10
+    while any(d.exists() for d in ray_dirs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(d.exists() for d in ray_dirs)

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from compute.stage_model import StageModel
-from compute.types import GenerationRequest, SamplingParams
+from compute.types import FailureCode, GenerationRequest, SamplingParams
 from pipeline.stage import Stage
 from pipeline.types import Run
 from tests.helpers import greedy_reference, load_engine
@@ -42,6 +42,23 @@ def test_a_batch_of_runs_equals_the_runs_one_at_a_time(tiny_target):
     outs = stage.process_batch([(run, None) for run in RUNS])
     assert {run.run_id: out.target_token_ids for run, out in zip(RUNS, outs)} == expected
     assert stage.counters.num_forwards == 1 and stage.counters.num_runs_computed == len(RUNS)
+
+
+def test_a_request_whose_parameters_fail_fails_alone_in_its_batch(tiny_target):
+    """Huge finite logits that sequence 1's tiny temperature overflows: its
+    runs fail as bad requests; sequence 0's, in the same forward, are exact."""
+    expected = one_at_a_time(tiny_target)
+    stage = whole_model_stage(tiny_target)
+    stage.model.logits = lambda hidden, real=stage.model.logits: real(hidden) * 1e34
+    broken = SamplingParams(temperature=1e-4, seed=3)
+    runs = [dataclasses.replace(run, sampling=broken) if run.seq_id == 1 else run for run in RUNS]
+    outs = stage.process_batch([(run, None) for run in runs])
+    assert stage.counters.num_forwards == 1
+    for run, out in zip(runs, outs):
+        if run.seq_id == 1:
+            assert out.failure.code is FailureCode.BAD_REQUEST and out.failure.param == "temperature"
+        else:
+            assert out.failure is None and out.target_token_ids == expected[run.run_id]
 
 
 @pytest.mark.parametrize("layer", [0, 1, 3])

@@ -29,7 +29,7 @@ def test_each_local_stage_and_the_draft_compute_on_cores_of_their_own(tiny_targe
     with Engine.load(config, show_progress=False) as engine:
         engine.complete(GenerationRequest((5, 6, 7), 8))  # every thread has started, and pinned itself
         stages, draft = split_cores([1, 1, 1])[:2], split_cores([1, 1, 1])[2]
-        threads = engine.transport._threads
-        assert [os.sched_getaffinity(t.native_id) for t in threads] == [set(c) for c in stages]
-        assert os.sched_getaffinity(engine._coordinator.drafter._thread.native_id) == set(draft)
+        threads = [stats["thread_id"] for stats in engine.stage_stats()]
+        assert [os.sched_getaffinity(t) for t in threads] == [set(c) for c in stages]
+        assert os.sched_getaffinity(engine.draft_where()["thread_id"]) == set(draft)
         assert engine.transport.draft_shares_cores == (len(machine_cores()) < 3)

@@ -89,21 +89,22 @@ def test_finish_event_carries_stats(tiny_target):
 
 
 def test_a_dead_stage_thread_fails_requests_instead_of_hanging(tiny_target):
-    with load_engine(tiny_target, "none", 2, "ar", layer_delay=lambda stage, layer: 0.01) as engine:
+    dying = threading.Event()
+
+    def delay(stage: int, layer: int) -> float:
+        if stage == 1 and dying.is_set():
+            raise SystemExit  # not an Exception: stage 1's thread ends mid-forward, as if it crashed
+        return 0.01
+
+    with load_engine(tiny_target, "none", 2, "ar", layer_delay=delay) as engine:
         stream = engine.generate(GenerationRequest((5, 6), 300))
         next(stream)
-        engine.transport._inboxes[1].put(_stop_sentinel())  # stage 1's thread exits
+        dying.set()
         started = time.monotonic()
         events = list(stream)
         assert events[-1].finish_reason == "error" and events[-1].failure.code is FailureCode.STAGE_DOWN
         assert "a pipeline stage stopped" in events[-1].failure.message
         assert time.monotonic() - started < 10
-
-
-def _stop_sentinel():
-    from pipeline import local_transport
-
-    return local_transport._STOP
 
 
 def test_kv_budget_refuses_a_second_request_cleanly(tiny_target):

@@ -36,7 +36,7 @@ async def test_503_while_loading_then_ready(tiny_text_model):
         busy = await http.post("/v1/completions", json=BODY)
         assert busy.status_code == 503 and busy.json()["error"]["code"] == "loading"
         release.set()
-        host._thread.join(30)
+        host.wait_loaded(30)
         assert (await http.get("/health")).status_code == 200
         assert (await http.post("/v1/completions", json=BODY)).status_code == 200
     host.close()
@@ -63,7 +63,7 @@ async def test_failed_load_is_reported(tmp_path):
 
     host = EngineHost(broken)
     host.start()
-    host._thread.join(10)
+    host.wait_loaded(10)
     async with client(create_app(host, ServerSettings(served_model_name="x"))) as http:
         health = await http.get("/health")
         assert health.status_code == 503 and "no weights here" in health.json()["detail"]
@@ -94,4 +94,6 @@ async def test_a_stage_failure_caused_by_the_request_is_its_400(tiny_text_model,
             assert response.json()["error"]["param"] == "temperature"
             assert "gives no valid distribution" in response.json()["error"]["message"]
         assert (await http.post("/v1/completions", json={**BODY, "temperature": 0})).status_code == 200
+        metrics = (await http.get("/metrics")).text
+        assert 'finished_reason="bad_request"} 1.0' in metrics and 'finished_reason="error"}' not in metrics
     engine.close()
