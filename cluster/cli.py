@@ -13,6 +13,7 @@ from pathlib import Path
 from cluster import up as cluster_up
 from cluster.layout import format_table
 from cluster.spec import DEFAULT_NAME, SpecError
+from compute.backend import DEVICE_HELP
 from compute.model_source import ModelSourceError
 from compute.stage_model import DTYPES
 from compute.types import SamplingParams
@@ -148,7 +149,10 @@ def _add_engine_args(parser: argparse.ArgumentParser, with_mode: bool = True) ->
                              "mpi: one MPI rank per stage (launch with mpirun -n STAGES+1)")
     parser.add_argument("--ray-address", default=engine.ray_address,
                         help="ray transport: 'auto' or an address joins a running cluster (default: a private local Ray)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=engine.dtype)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=engine.dtype,
+                        help="compute dtype (bfloat16 or float16 on a GPU)")
+    parser.add_argument("--device", default=engine.device,
+                        help=f"where every stage computes: {DEVICE_HELP} (default {engine.device})")
     parser.add_argument("--stage-cpus", type=int, default=engine.stage_cpus,
                         help="cores per stage, its torch threads; on one machine each stage is pinned to its own "
                              "(default: the stages split this machine's cores)")
@@ -172,7 +176,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     speculation = SpeculationConfig(mode=Mode(getattr(args, "mode", SpeculationConfig().mode)), draft_len=args.draft_len,
                                     max_runs_in_flight=args.max_in_flight, min_accept_prob=args.min_accept_prob,
                                     prefill_chunk=args.prefill_chunk)
-    return EngineConfig(model=args.model, draft=args.draft, num_stages=args.stages, dtype=args.dtype,
+    return EngineConfig(model=args.model, draft=args.draft, num_stages=args.stages, dtype=args.dtype, device=args.device,
                         transport=args.transport, ray_address=args.ray_address,
                         kv_budget_bytes=args.kv_budget_bytes, stage_cpus=args.stage_cpus,
                         draft_cpus=args.draft_cpus, speculation=speculation, simulate=getattr(args, "simulate", None))
@@ -252,7 +256,12 @@ def format_summary(results: dict) -> str:
     for name, figures in results["modes"].items():
         rows.append((name, *("-" if figures.get(c) is None else f"{figures[c]:g}" for c in SUMMARY_COLUMNS)))
     ratios = "  ".join(f"{k} {v:.2f}x" for k, v in results["ratios"].items() if v is not None)
-    return f"{format_table(rows)}\n{ratios}"
+    bandwidth = "  ".join(f"{name} " + "/".join("-" if f is None else f"{f:.2f}" for f in figures["stage_bandwidth_frac"])
+                          for name, figures in results["modes"].items() if figures.get("stage_bandwidth_frac"))
+    if bandwidth:
+        bandwidth = (f"\nshare of the bandwidth floor per stage (decode forwards, "
+                     f"{results['setup']['machine']['read_gb_per_s']} GB/s): {bandwidth}")
+    return f"{format_table(rows)}\n{ratios}{bandwidth}"
 
 
 def _csv(text: str) -> list[str]:

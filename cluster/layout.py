@@ -58,7 +58,8 @@ def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLay
         memory = params * DTYPES[dtype].itemsize
         compute = sum(costs.layer_params[start:end]) + (costs.head_params if is_last else 0) + extra.get(index, 0)
         limit = int(stage.memory_gb * GB) if stage.memory_gb else None
-        plan = StagePlan(start, end, num_cpus=stage.num_cpus or cpus, resources=dict(stage.resources), dtype=dtype)
+        plan = StagePlan(start, end, num_cpus=stage.num_cpus or cpus, resources=dict(stage.resources), dtype=dtype,
+                         device=stage.device or spec.device)
         layouts.append(StageLayout(plan, compute, memory, limit))
     too_big = [(i, l) for i, l in enumerate(layouts) if l.memory_limit_bytes and l.memory_bytes > l.memory_limit_bytes]
     if too_big:
@@ -95,10 +96,11 @@ def _check_contiguous(ranges: list[tuple[int, int]], num_layers: int) -> None:
 
 
 def format_layout(layouts: list[StageLayout]) -> str:
-    rows = [("stage", "layers", "dtype", "cpus", "weights", "limit", "compute share", "resources")]
+    rows = [("stage", "layers", "device", "dtype", "cpus", "weights", "limit", "compute share", "resources")]
     total = sum(l.compute_params for l in layouts)
     for i, l in enumerate(layouts):
-        rows.append((str(i), f"{l.plan.layer_start}-{l.plan.layer_end}", l.plan.dtype or "", f"{l.plan.num_cpus:g}",
+        rows.append((str(i), f"{l.plan.layer_start}-{l.plan.layer_end}", l.plan.device or "", l.plan.dtype or "",
+                     f"{l.plan.num_cpus:g}",
                      f"{l.memory_bytes / 1e6:.0f} MB",
                      f"{l.memory_limit_bytes / 1e6:.0f} MB" if l.memory_limit_bytes else "-",
                      f"{100 * l.compute_params / total:.0f}%",

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from compute.backend import DEVICE_HELP, check_device_name
 from compute.stage_model import DTYPES
 from draft_models import DRAFT_HELP, parse_draft
 from pipeline.engine import EngineConfig
@@ -71,7 +72,13 @@ class StageSpec(_Strict):
         "machine) its cores split between the stages, each pinned to its own; joining a cluster, 1."))
     memory_gb: float | None = Field(None, gt=0, description="Memory the stage may use; the split must fit it.")
     dtype: DType | None = Field(None, description="Overrides the top-level dtype.")
-    device: Literal["cpu"] = Field("cpu", description="Where the stage computes (GPU stages: see the vLLM issue).")
+    device: str | None = Field(None, description=f"Where the stage computes: {DEVICE_HELP}; overrides the top-level "
+                                                 "device. A GPU stage's Ray actor asks for one GPU.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value):
+        return value if value is None else check_device_name(value)
 
     @field_validator("layers")
     @classmethod
@@ -109,7 +116,8 @@ class ClusterSpec(_Strict):
     name: str = Field(DEFAULT_NAME, pattern=r"^[A-Za-z0-9_.-]+$", description="Names this deployment (for down/status).")
     model: str = Field(_ENGINE.model, description="'default', a Hugging Face directory, or a .gguf file.")
     draft: str = Field(_ENGINE.draft, description=f"The draft. {DRAFT_HELP}.")
-    dtype: DType = Field(_ENGINE.dtype, description="Default compute dtype.")
+    dtype: DType = Field(_ENGINE.dtype, description="Default compute dtype (bfloat16 or float16 on a GPU).")
+    device: str = Field(_ENGINE.device, description=f"Default device of the stages: {DEVICE_HELP}.")
     speculation: SpeculationSpec = Field(default_factory=SpeculationSpec)
     stages: int | list[StageSpec] = Field(_ENGINE.num_stages, description="A count (split automatically) or one entry per stage.")
     stage_memory_gb: float | None = Field(None, gt=0, description="With a stage count: memory each stage may use.")
@@ -141,6 +149,11 @@ class ClusterSpec(_Strict):
     def _draft_syntax(cls, value):
         parse_draft(value)  # a DraftSpecError is a ValueError: reported with the field and line
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value):
+        return check_device_name(value)  # a DeviceError is a ValueError too
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -51,7 +51,7 @@ def read_deployment(name: str) -> Deployment:
 def engine_config(spec: ClusterSpec, show_progress: bool = False) -> EngineConfig:
     layouts = plan_layout(spec, show_progress)
     return EngineConfig(
-        model=spec.model, draft=spec.draft, num_stages=len(layouts), dtype=spec.dtype,
+        model=spec.model, draft=spec.draft, num_stages=len(layouts), dtype=spec.dtype, device=spec.device,
         draft_cpus=spec.draft_cpus, draft_resources=dict(spec.draft_resources),
         draft_stage=spec.draft_stage,
         transport=spec.transport, ray_address=spec.ray.address, kv_budget_bytes=spec.kv_budget_bytes,

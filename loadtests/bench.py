@@ -26,10 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from compute.types import GenerationRequest, SamplingParams, check_context
-from compute.stage_model import DTYPES
+from compute.stage_model import DTYPES, PackedLinear, can_pack
 from loadtests.bench_plots import write_plots
 from loadtests.calibrate import calibrate
-from loadtests.bench_summary import ModeRecord, outputs_match, ratios, summarize
+from loadtests.bench_summary import Floor, ModeRecord, outputs_match, ratios, summarize
 from loadtests.timing import RequestTiming
 from pipeline.engine import Engine, EngineConfig, GenerationError
 from pipeline.sim_profiles import get_profile
@@ -180,9 +180,12 @@ def encode_prompt(engine: Engine, prompt: Prompt) -> list[int]:
 def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
     """Run everything, write results.json, the plots and the trace; -> the results."""
     config.out_dir.mkdir(parents=True, exist_ok=True)
+    bandwidth = None if config.engine.simulate else read_bandwidth()  # before the weights take memory
     engine = Engine.load(config.engine, show_progress=show_progress)
     runners: list[Runner] = [EngineModeRunner(engine, mode) for mode in config.modes]
     try:
+        floor = None if bandwidth is None else Floor([s["parameter_bytes"] for s in engine.stage_stats()], bandwidth,
+                                                     config.engine.speculation.draft_len + 1)
         runners += [BaselineRunner(kind, engine.model_dir, config.engine.dtype) for kind in config.baselines]
         prompts = [encode_prompt(engine, p) for p in config.prompts]
         check_context(max(len(p) for p in prompts), config.max_tokens, engine.max_context, "--max-tokens")
@@ -195,7 +198,7 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
             if isinstance(runner, BaselineRunner):
                 runner.close()
         engine.close()
-    results = _results(config, engine, records)
+    results = _results(config, engine, records, floor)
     if during_long is not None:
         results["long_prompt"] = during_long
     results["files"] = write_plots(results, records, config.out_dir)
@@ -208,6 +211,25 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
         results["files"]["profile"] = "profile.json"
     (config.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def read_bandwidth(num_bytes: int = 1 << 29, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth (bytes/s) with every core: the
+    best of a few passes over a buffer far larger than any cache, read by a
+    sum and, where oneDNN is here, by the packed matrix-vector product the
+    stages decode with (it streams faster: 42 GB/s against 38 measured here)."""
+    buffer = torch.ones(num_bytes // 4)
+    reads = [buffer.sum]
+    if can_pack(torch.float32):
+        weight = PackedLinear(torch.nn.Linear(8192, num_bytes // 4 // 8192, bias=False))
+        vector = torch.ones(1, 8192)
+        reads.append(lambda: weight(vector))
+    best = float("inf")
+    for read in reads * repeats:
+        started = time.perf_counter()
+        read()
+        best = min(best, time.perf_counter() - started)
+    return num_bytes / best
 
 
 SHORT_TOKENS = 4  # the short request's answer, alone and during the long prompt
@@ -273,15 +295,19 @@ def _measure(config: BenchConfig, runners: list[Runner], prompts: list[list[int]
     return list(records.values())
 
 
-def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord]) -> dict:
+def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord], floor: Floor | None) -> dict:
     profile = get_profile(config.engine.simulate) if config.engine.simulate else None
-    modes = {record.key: summarize(record, profile) for record in records}
+    modes = {record.key: summarize(record, profile, floor) for record in records}
     baseline_names = sorted({r.name for r in records if r.name not in {m.value for m in Mode}})
     all_ratios: dict[str, float | None] = {}
     for concurrency in config.concurrency:
         all_ratios.update(ratios(modes, concurrency, baseline_names))
+    setup = _setup(config, engine, profile)
+    if floor is not None:
+        setup["machine"]["read_gb_per_s"] = round(floor.read_bytes_per_s / 1e9, 2)
+        setup["stage_weight_bytes"] = floor.stage_weight_bytes
     return {
-        "setup": _setup(config, engine, profile),
+        "setup": setup,
         "modes": modes,
         "ratios": all_ratios,
         "outputs_equal_first_mode": outputs_match(records),

@@ -8,7 +8,7 @@ import numpy as np
 
 from loadtests.timing import RequestTiming
 from pipeline.sim_profiles import ClusterProfile
-from pipeline.trace import StageSpan
+from pipeline.trace import StageSpan, forwards
 
 
 @dataclass(slots=True)
@@ -27,7 +27,18 @@ class ModeRecord:
         return self.name if self.concurrency == 1 else f"{self.name}@c{self.concurrency}"
 
 
-def summarize(record: ModeRecord, profile: ClusterProfile | None = None) -> dict:
+@dataclass(frozen=True, slots=True)
+class Floor:
+    """What the bandwidth floor of a real run needs: each stage's weight
+    bytes (read once per forward), the machine's measured read bandwidth,
+    and the largest run of a decode step (longer ones are prompts)."""
+
+    stage_weight_bytes: list[int]
+    read_bytes_per_s: float
+    max_decode_run_tokens: int
+
+
+def summarize(record: ModeRecord, profile: ClusterProfile | None = None, floor: Floor | None = None) -> dict:
     timings = record.timings
     num_tokens = sum(len(t.token_ids) for t in timings)
     itl_ms = [1000 * gap for t in timings for gap in t.inter_token_latencies_s()]
@@ -57,17 +68,32 @@ def summarize(record: ModeRecord, profile: ClusterProfile | None = None) -> dict
                                                 sum(s["num_runs"] for s in stats))
     if record.spans:
         cancelled = {run_id for s in stats for run_id in s["cancelled_run_ids"]}
-        busy = sum(span.duration_s for span in record.spans)
-        wasted = sum(span.duration_s for span in record.spans
+        passes = forwards(record.spans)
+        busy = sum(f.duration_s for f in passes)
+        wasted = sum(f.share(span) * f.duration_s for f in passes for span in f.spans
                      if span.outcome != "computed" or span.run_id in cancelled)
         summary["wasted_stage_compute_frac"] = _ratio(wasted, busy)
         summary["bytes_per_token"] = _ratio(sum(span.out_bytes for span in record.spans), num_tokens)
+        if floor is not None:
+            summary["stage_bandwidth_frac"] = _bandwidth_fractions(passes, floor)
     if profile is not None and summary["mean_accepted_len"]:
         # The physical limit: one run's weight reads and hops, per token it yields.
         floor = summary["mean_accepted_len"] / profile.floor_s_per_run()
         summary["floor_tokens_per_s"] = round(floor, 4)
         summary["fraction_of_floor"] = _ratio(summary["tokens_per_s"], floor)
     return summary
+
+
+def _bandwidth_fractions(passes, floor: Floor) -> list[float | None]:
+    """Per stage: its weight bytes over its mean decode forward, as a share
+    of the machine's read bandwidth (1.0: the stage streams its weights as
+    fast as memory can deliver them; the rest is compute and overhead)."""
+    fractions = []
+    for stage, weight_bytes in enumerate(floor.stage_weight_bytes):
+        times = [f.duration_s for f in passes if f.stage == stage and f.num_tokens and all(
+            span.num_tokens <= floor.max_decode_run_tokens for span in f.spans if span.outcome != "skipped")]
+        fractions.append(_ratio(weight_bytes * len(times), sum(times) * floor.read_bytes_per_s) if times else None)
+    return fractions
 
 
 def ratios(summaries: dict[str, dict], concurrency: int, baselines: list[str]) -> dict[str, float | None]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from loadtests.bench_summary import ModeRecord
 from pipeline.sim_profiles import ClusterProfile
+from pipeline.trace import forwards
 from pipeline.types import Mode
 
 MEASURED_BANDWIDTH_BPS = 1e15  # links: the measured latency is all there is
@@ -53,8 +54,9 @@ def calibrate(records: list[ModeRecord], *, name: str, num_stages: int, num_laye
 
 
 def _fit_stage(records: list[ModeRecord], stage: int, max_run_tokens: int) -> tuple[float, float]:
-    points = [(s.num_tokens, s.duration_s) for r in records for s in r.spans
-              if s.stage == stage and s.outcome == "computed" and s.num_tokens <= max_run_tokens]
+    # Per forward (runs that shared one are timed once, at their tokens together).
+    points = [(f.num_tokens, f.duration_s) for r in records for f in forwards(r.spans)
+              if f.stage == stage and all(s.outcome == "computed" for s in f.spans) and f.num_tokens <= max_run_tokens]
     if not points:
         raise ValueError(f"stage {stage} computed no decode-sized run to calibrate on")
     x, y = np.array(points, dtype=float).T
@@ -70,8 +72,8 @@ def _prefill_token_s(records: list[ModeRecord], stage: int, max_run_tokens: int,
                      ) -> float:
     """Seconds per token of the runs longer than decode size (prompts); with
     none seen, the decode fit's (a + b * n) / n at the largest decode size."""
-    per_token = [s.duration_s / s.num_tokens for r in records for s in r.spans
-                 if s.stage == stage and s.outcome == "computed" and s.num_tokens > max_run_tokens]
+    per_token = [f.duration_s / f.num_tokens for r in records for f in forwards(r.spans)
+                 if f.stage == stage and all(s.outcome == "computed" for s in f.spans) and f.num_tokens > max_run_tokens]
     if per_token:
         return float(np.median(per_token))
     a, b = decode

@@ -267,9 +267,14 @@ class Coordinator:
     def _prefill(self, seq: SequenceState) -> bool:
         """Send a long prompt a chunk at a time (SpeculationConfig.prefill_chunk;
         ALONE_CHUNKS times that while no other request runs), until what is
-        left fits in the root run. -> whether the sequence is prefilling."""
+        left fits in the root run. A prompt no longer than an alone-chunk goes
+        whole: chunking it would hold up its own first token, for a wait of
+        others no longer than one long prompt's alone-chunk.
+        -> whether the sequence is prefilling."""
         if seq.chain:
             return seq.chain[-1].end_pos < len(seq.token_ids)  # a chunk is in flight
+        if len(seq.request.prompt_token_ids) <= self.config.prefill_chunk * ALONE_CHUNKS:
+            return False
         chunk = self.config.prefill_chunk * (1 if len(self._seqs) > 1 else ALONE_CHUNKS)
         if len(seq.token_ids) - seq.committed_len <= chunk:
             return False

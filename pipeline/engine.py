@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
+from compute.backend import check_device_name
 from compute.model_source import load_config, resolve_model
 from compute.stage_model import DTYPES
 from compute.types import Failure, FailureCode, GenerationRequest, SamplingParams
@@ -43,6 +44,7 @@ class EngineConfig:
     draft: str = "none"
     num_stages: int = 1
     dtype: str = "float32"  # float32 on CPU keeps the split exact and is not slower here
+    device: str = "cpu"  # every stage's, unless its plan names one: cpu | cuda[:N]
     transport: str = "local"  # local | ray | mpi
     ray_address: str | None = None  # ray transport: None starts a local Ray; "auto" or an address joins one
     kv_budget_bytes: int | None = None  # per stage: new sequences are refused beyond it
@@ -63,10 +65,11 @@ class EngineConfig:
         """The stages' layer ranges: the explicit ones, or a split balancing
         compute (over the simulated cluster's own stage count)."""
         if self.stage_plans:
-            return self.stage_plans
+            return tuple(dataclasses.replace(plan, device=plan.device or self.device) for plan in self.stage_plans)
         num_stages = get_profile(self.simulate).num_stages if self.simulate else self.num_stages
         cpus = self.stage_cpus or default_cores_per_stage(num_stages)
-        return tuple(dataclasses.replace(plan, num_cpus=cpus) for plan in balanced_plans(model_dir, num_stages))
+        return tuple(dataclasses.replace(plan, num_cpus=cpus, device=self.device)
+                     for plan in balanced_plans(model_dir, num_stages))
 
     @property
     def draft_has_worker(self) -> bool:
@@ -81,6 +84,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        check_device_name(self.device)
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if self.num_stages < 1:

@@ -21,6 +21,7 @@ class StagePlan:
     num_cpus: float = 1.0  # logical CPUs reserved for a stage actor
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray node resources, e.g. {"node_a": 1}
     dtype: str | None = None  # None: the engine's dtype
+    device: str | None = None  # cpu | cuda[:N]; None: the engine's device
 
 
 @dataclass(frozen=True, slots=True)

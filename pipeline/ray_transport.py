@@ -11,6 +11,7 @@ checks it between layers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -50,6 +51,8 @@ class StageActor:
                  kv_budget_bytes: int | None, layer_delay_s: float, cores: list[int] | None) -> None:
         torch.set_grad_enabled(False)
         use_cores(cores, plans[index].num_cpus, whole_process=True)
+        if _gpus(plans[index]):  # Ray shows the actor its own GPU only
+            plans = (*plans[:index], dataclasses.replace(plans[index], device="cuda"), *plans[index + 1:])
         self.stage = Stage.load(model_dir, plans, index, dtype, kv_budget_bytes)
         self._before_layer = (lambda layer: time.sleep(layer_delay_s)) if layer_delay_s else None
 
@@ -175,8 +178,15 @@ class RayDrafter:
                 self._sink(guesses)
 
 
+def _gpus(plan: StagePlan) -> int:
+    """A GPU stage's actor asks Ray for one GPU; Ray then shows it only that
+    one, which it computes on as "cuda" (whatever index the plan named)."""
+    return int((plan.device or "cpu").startswith("cuda"))
+
+
 def _place(bundles: list[dict], strategy: str, what: str):
     """A placement group for these bundles, ready; a clear error if the cluster cannot hold it."""
+    bundles = [{key: need for key, need in bundle.items() if need} for bundle in bundles]  # (no "GPU": 0)
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     for bundle in bundles:  # one no node could ever hold would wait forever: say so now
         if not any(all(node.get(key, 0) >= need for key, need in bundle.items()) for node in nodes):
@@ -216,7 +226,8 @@ class RayTransport(Transport):
             else [None] * len(placed)
         self.draft_cores = pinned[len(plans)] if draft_plan else None
         self.draft_shares_cores = self.draft_cores is not None and shares_cores(pinned[:len(plans)], self.draft_cores)
-        self.placement_group = _place([{"CPU": p.num_cpus, **p.resources} for p in plans], strategy, "the stages")
+        self.placement_group = _place([{"CPU": p.num_cpus, "GPU": _gpus(p), **p.resources} for p in plans], strategy,
+                                      "the stages")
         # A draft asking for node resources gets a bundle of its own (the
         # stages' strategy, one node each with spread, does not bind it);
         # otherwise it goes beside stage `draft_stage` where that node has the CPUs.
@@ -231,7 +242,7 @@ class RayTransport(Transport):
                 raise
         self.actors = [
             StageActor.options(
-                num_cpus=p.num_cpus, resources=p.resources, max_restarts=max_restarts,
+                num_cpus=p.num_cpus, num_gpus=_gpus(p), resources=p.resources, max_restarts=max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
             ).remote(model_dir, tuple(plans), i, dtype, kv_budget_bytes, layer_delay_s, pinned[i])
             for i, p in enumerate(plans)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from compute.sampling import sampling_probs, target_tokens
+from compute.backend import StageBackend, torch_device
 from compute.stage_model import DTYPES, StageModel
 from compute.threads import on_passing_thread
 from compute.types import Failure, FailureCode
@@ -33,7 +34,7 @@ class StageCounters:
 
 
 class Stage:
-    def __init__(self, model: StageModel, stage_index: int, kv_budget_bytes: int | None = None) -> None:
+    def __init__(self, model: StageBackend, stage_index: int, kv_budget_bytes: int | None = None) -> None:
         self.model = model
         self.stage_index = stage_index
         self.kv = StageKVCache(model.num_layers, kv_budget_bytes)
@@ -46,14 +47,16 @@ class Stage:
 
     @classmethod
     def load(cls, model_dir: str | Path, plans: Sequence[StagePlan], index: int, dtype: str,
-             kv_budget_bytes: int | None = None) -> Stage:
+             kv_budget_bytes: int | None = None, device: str = "cpu") -> Stage:
         """Stage `index` of the pipeline that `plans` split, with only its
         layers' weights (the first stage also embeds; the last also runs the
-        final norm and the head). dtype: a DTYPES name, unless its plan names one."""
+        final norm and the head), on the torch backend. dtype: a DTYPES name,
+        device: cpu | cuda[:N], unless its plan names its own."""
         plan = plans[index]
+        where = torch_device(plan.device or device)
         model = on_passing_thread(lambda: StageModel.load(
             model_dir, plan.layer_start, plan.layer_end, with_embed=index == 0, with_head=index == len(plans) - 1,
-            dtype=DTYPES[plan.dtype or dtype]).pack_weights())
+            dtype=DTYPES[plan.dtype or dtype], device=where).pack_weights())
         return cls(model, index, kv_budget_bytes)
 
     def stats(self) -> dict:
@@ -62,6 +65,7 @@ class Stage:
         return {
             "stage": self.stage_index,
             "layers": [self.model.layer_start, self.model.layer_end],
+            "device": str(self.model.device),
             "parameter_bytes": self.model.parameter_bytes(),
             "kv_bytes": kv_bytes,
             "num_sequences": num_sequences,
@@ -144,8 +148,6 @@ class Stage:
                     continue
                 if self.is_first:
                     hidden = self.model.embed(run.token_ids)
-                elif hidden.dtype != self.model.dtype:  # stages may compute in different dtypes
-                    hidden = hidden.to(self.model.dtype)
                 live.append((i, run, hidden, run_kv))
             if live:
                 self._compute(live, outs, outcomes, before_layer)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PIPEINFER = str(Path(sys.executable).parent / "pipeinfer")
 
@@ -63,6 +64,8 @@ def test_generate_prints_plain_text(default_model):
     (["--model", "TINY"], "has no tokenizer"),
     (["--model", "TINY", "--stages", "9"], "cannot split 4 layers over 9 stages"),
     (["--model", "TINY", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--model", "TINY", "--device", "gpu"], "device 'gpu': expected cpu, cuda or cuda:N"),
+    *([] if torch.cuda.is_available() else [(["--model", "TINY", "--device", "cuda"], "sees no CUDA device")]),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(tiny_target, args, message):
     args = [str(tiny_target) if a == "TINY" else a for a in args]

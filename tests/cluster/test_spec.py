@@ -47,6 +47,8 @@ def test_examples_are_valid(name):
     ("ray:\n  placement: everywhere\n", "line 2: ray.placement: Input should be 'pack' or 'spread'"),
     ("stages: 2\ndraft_stage: 5\n", "draft_stage 5 does not exist (2 stages)"),
     ("dtype: float64\n", "line 1: dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+    ("device: gpu\n", "line 1: device: device 'gpu': expected cpu, cuda or cuda:N"),
+    ("stages:\n  - device: cuda:x\n", "line 2: stages.0.device: device 'cuda:x'"),
     ("- just\n- a list\n", "expected a mapping of fields at the top level"),
     ("model: [unclosed\n", "not valid YAML"),
 ])
@@ -116,3 +118,13 @@ def test_a_draft_the_target_cannot_run_is_explained_by_plan(tmp_path, tiny_text_
     path = write(tmp_path, f"model: {tiny_text_model}\ndraft: layers:9\nstages: 2\n")
     with pytest.raises(DraftSpecError, match=r"--draft 'layers:9': N must be in 1\.\.4"):
         plan(str(path))
+
+
+def test_stage_devices_reach_the_plan_and_the_engine(tmp_path, tiny_text_model):
+    """A top-level device, and a stage's own; `up` gives a GPU stage's Ray actor a GPU (pipeline/ray_transport.py)."""
+    path = write(tmp_path, f"model: {tiny_text_model}\ndevice: cuda\nstages:\n  - layers: [0, 2]\n    device: cpu\n"
+                           "  - layers: [2, 4]\n")
+    plans = engine_config(load_spec(path)).plans(tiny_text_model)
+    assert [p.device for p in plans] == ["cpu", "cuda"]
+    table = plan(str(path)).splitlines()[1:]  # (under the title line)
+    assert "device" in table[0] and " cpu " in table[1] and " cuda " in table[2]

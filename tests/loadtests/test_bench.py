@@ -9,6 +9,9 @@ import pytest
 
 from cluster.cli import main
 from loadtests.bench import load_prompts
+from loadtests.bench_summary import Floor, ModeRecord, summarize
+from loadtests.timing import RequestTiming
+from pipeline.trace import StageSpan, forwards
 from tests.helpers import make_tiny_model_with_tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -54,6 +57,28 @@ def test_bench_writes_results_plots_and_trace(tmp_path, tiny_text_model):
     assert results["modes"]["ar@c3"]["num_requests"] == 6  # 3 in flight: the prompts repeat
     assert results["modes"]["ar"]["num_tokens"] == 4 * 12  # EOS ignored: every mode does the same work
     assert results["setup"]["clock"] == "wall seconds"
+    # Per stage, its share of the bandwidth floor: its weights over a decode forward, against the machine's reads.
+    assert results["setup"]["machine"]["read_gb_per_s"] > 0 and len(results["setup"]["stage_weight_bytes"]) == 2
+    for name in ("ar", "ar@c3"):
+        assert all(0 < f for f in results["modes"][name]["stage_bandwidth_frac"]), name
+
+
+def test_batched_runs_share_their_forward_s_time_by_tokens():
+    """Three runs and a skipped one in a forward of 1 s (each span carries the
+    forward's times), then a 4-token prompt alone for 2 s: the cancelled
+    1-token run wasted a quarter of a second of the 3, not a whole second."""
+    spans = [StageSpan(0, seq, seq, False, tokens, 10.0, 11.0, "computed", 0) for seq, tokens in enumerate((1, 1, 2))]
+    spans += [StageSpan(0, 9, 9, False, 5, 10.0, 11.0, "skipped", 0), StageSpan(0, 8, 8, False, 4, 11.0, 13.0,
+                                                                                 "computed", 0)]
+    batched = next(f for f in forwards(spans) if len(f.spans) == 4)
+    assert batched.num_tokens == 4 and [batched.share(s) for s in batched.spans] == [0.25, 0.25, 0.5, 0.0]
+    timing = RequestTiming(0, [0.5], [1], [7], stats={"cancelled_run_ids": [0], "num_accepted_tokens": 0,
+                                                      "num_draft_tokens": 0, "num_generated_tokens": 1,
+                                                      "num_verify_steps": 1, "num_runs_cancelled": 1, "num_runs": 5})
+    floor = Floor([6_000_000], read_bytes_per_s=1e9, max_decode_run_tokens=2)
+    summary = summarize(ModeRecord("pipeinfer", 1, [timing], spans, duration_s=3.0), floor=floor)
+    assert summary["wasted_stage_compute_frac"] == pytest.approx(0.25 / 3, abs=1e-4)  # (rounded to 4 places)
+    assert summary["stage_bandwidth_frac"] == [pytest.approx(0.006)]  # 6 MB in the 1 s decode forward, of 1 GB/s
 
 
 def test_bench_times_a_short_request_during_a_long_prompt(tmp_path, tiny_text_model):

@@ -32,7 +32,8 @@ def test_a_prompt_in_chunks_gives_the_same_text(tiny_target, mode):
 def test_a_short_request_is_not_held_behind_a_long_prompt(tiny_target):
     """One stage, 2 ms a layer: a 200-token prompt goes in chunks (32 tokens
     while alone, 4 once the short request runs too); the short request, sent
-    just after it, is done before the long one's first token."""
+    just after it, is done before the long one's first token. Its own
+    20-token prompt, no longer than an alone-chunk, goes whole."""
     done_at: dict[str, float] = {}
     with load_engine(tiny_target, "none", 1, "ar", layer_delay=lambda stage, layer: 0.002, prefill_chunk=4) as engine:
         def long():
@@ -44,7 +45,10 @@ def test_a_short_request_is_not_held_behind_a_long_prompt(tiny_target):
         thread = threading.Thread(target=long)
         thread.start()
         time.sleep(0.02)
-        engine.complete(GenerationRequest((5, 6, 7), 4))
+        short = engine.complete(GenerationRequest(tuple(range(5, 25)), 4))
         done_at["short"] = time.monotonic()
         thread.join(timeout=60)
+        spans = engine.stage_spans()
     assert done_at["short"] < done_at["long_first_token"]
+    assert short.token_ids == greedy_reference(tiny_target, list(range(5, 25)), 4)
+    assert 20 in {span.num_tokens for span in spans} and 4 in {span.num_tokens for span in spans}

@@ -3,6 +3,7 @@ cancellation between layers, many requests at once, a stage that dies."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -147,3 +148,12 @@ def test_health_is_503_not_500_when_a_stage_actor_is_gone(tiny_text_model):
         ray.kill(engine.transport.actors[1], no_restart=True)
         response = asyncio.run(health())
         assert response.status_code == 503 and response.json()["status"] == "unhealthy"
+
+
+def test_a_gpu_stage_asks_ray_for_a_gpu(tiny_target):
+    """Placed only on a node with a GPU: on a cluster without one, a clear error at once."""
+    if ray.cluster_resources().get("GPU"):
+        pytest.skip("this cluster has a GPU")
+    plans = [dataclasses.replace(plan, device="cuda") for plan in balanced_plans(tiny_target, 1)]
+    with pytest.raises(RuntimeError, match=r"no node of the cluster can hold the stages: \{'CPU': 1.*'GPU': 1"):
+        RayTransport(str(tiny_target), plans)
