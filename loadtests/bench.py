@@ -25,11 +25,12 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from compute.types import GenerationRequest, SamplingParams, check_context
 from compute.stage_model import DTYPES, PackedLinear, can_pack
+from compute.threads import on_passing_thread
+from compute.types import GenerationRequest, SamplingParams, check_context
 from loadtests.bench_plots import write_plots
-from loadtests.calibrate import calibrate
 from loadtests.bench_summary import Floor, ModeRecord, outputs_match, ratios, summarize
+from loadtests.calibrate import calibrate
 from loadtests.timing import RequestTiming
 from pipeline.engine import Engine, EngineConfig, GenerationError
 from pipeline.sim_profiles import get_profile
@@ -180,7 +181,9 @@ def encode_prompt(engine: Engine, prompt: Prompt) -> list[int]:
 def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
     """Run everything, write results.json, the plots and the trace; -> the results."""
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    bandwidth = None if config.engine.simulate else read_bandwidth()  # before the weights take memory
+    # Before the weights take memory, on a passing thread: a thread that ran parallel
+    # torch ops keeps its OpenMP pool spinning beside the stages (compute/threads.py).
+    bandwidth = None if config.engine.simulate else on_passing_thread(read_bandwidth)
     engine = Engine.load(config.engine, show_progress=show_progress)
     runners: list[Runner] = [EngineModeRunner(engine, mode) for mode in config.modes]
     try:

@@ -104,7 +104,8 @@ def ratios(summaries: dict[str, dict], concurrency: int, baselines: list[str]) -
         entry = summaries.get(name + suffix)
         return entry["tokens_per_s"] if entry else None
 
-    pairs = [("pipeinfer", "ar"), ("pipeinfer", "sync"), ("sync", "ar")] + [("pipeinfer", b) for b in baselines]
+    pairs = [("pipeinfer", "ar"), ("pipeinfer", "sync"), ("sync", "ar")] + [
+        (ours, b) for b in baselines for ours in ("pipeinfer", "ar")]
     out = {}
     for a, b in pairs:
         if tps(a) is not None and tps(b):

@@ -9,7 +9,7 @@ import pytest
 
 from cluster.cli import main
 from loadtests.bench import load_prompts
-from loadtests.bench_summary import Floor, ModeRecord, summarize
+from loadtests.bench_summary import Floor, ModeRecord, ratios, summarize
 from loadtests.timing import RequestTiming
 from pipeline.trace import StageSpan, forwards
 from tests.helpers import make_tiny_model_with_tokenizer
@@ -164,3 +164,11 @@ def test_calibrated_profile_replays_the_run_it_was_measured_on(tmp_path, eight_l
     for mode in ("ar", "sync", "pipeinfer"):
         ratio = second["modes"][mode]["tokens_per_s"] / first["modes"][mode]["tokens_per_s"]
         assert 0.85 <= ratio <= 1.15, (mode, ratio)
+
+
+def test_ratios_set_our_modes_beside_each_baseline():
+    modes = {"ar": {"tokens_per_s": 45.0}, "pipeinfer": {"tokens_per_s": 60.0}, "vllm": {"tokens_per_s": 50.0},
+             "ar@c8": {"tokens_per_s": 140.0}, "vllm@c8": {"tokens_per_s": 200.0}}
+    assert ratios(modes, 1, ["vllm"]) == {"pipeinfer_vs_ar": pytest.approx(1.3333), "ar_vs_vllm": 0.9,
+                                          "pipeinfer_vs_vllm": 1.2}
+    assert ratios(modes, 8, ["vllm"]) == {"ar_vs_vllm@c8": 0.7}
