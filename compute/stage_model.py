@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open

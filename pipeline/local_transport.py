@@ -73,7 +73,7 @@ class LocalTransport(Transport):
         self.num_layers = sum(stage.model.num_layers for stage in stages)
         self._layer_delay = layer_delay
         self._inboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in stages]
-        self.threads: list[threading.Thread] = []  # one per stage, once started
+        self._threads: list[threading.Thread] = []
         self._on_result: ResultSink | None = None
         self._returning = _Returning()
         self._forward_s = 0.0  # the first stage's last forward
@@ -83,7 +83,7 @@ class LocalTransport(Transport):
         for index in range(self.num_stages):
             thread = threading.Thread(target=self._stage_loop, args=(index,), name=f"stage-{index}", daemon=True)
             thread.start()
-            self.threads.append(thread)
+            self._threads.append(thread)
 
     def submit(self, run: Run) -> None:
         self._returning.entered(run)
@@ -100,13 +100,13 @@ class LocalTransport(Transport):
             stage.cancel(seq_id, run_ids)
 
     def is_alive(self) -> bool:
-        return bool(self.threads) and all(t.is_alive() for t in self.threads)
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def idle_s(self) -> float:
         return min(stage.idle_s() for stage in self.stages)
 
     def stage_stats(self) -> list[dict]:
-        threads = self.threads or [None] * self.num_stages  # (not started yet)
+        threads = self._threads or [None] * self.num_stages  # (not started yet)
         return [{**stage.stats(), "pid": os.getpid(), "thread_id": thread and thread.native_id}
                 for stage, thread in zip(self.stages, threads)]
 
@@ -115,7 +115,7 @@ class LocalTransport(Transport):
 
     def close(self) -> None:
         self._inboxes[0].put(_STOP)
-        for thread in self.threads:
+        for thread in self._threads:
             thread.join(timeout=10)
 
     def _stage_loop(self, index: int) -> None:

@@ -84,8 +84,8 @@ def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
         if state == "loading":
             raise APIError(503, "the model is still loading; retry shortly", code="loading")
         if state != "ok":
-            raise APIError(503, f"the engine is not healthy ({state}): {host.failure.message if host.failure else 'a stage is down'}",
-                           code="unhealthy")
+            why = host.failure.message if host.failure else "a stage is down"
+            raise APIError(503, f"the engine is not healthy ({state}): {why}", code="unhealthy")
         return host.engine
 
     def check_model(name: str) -> None:
