@@ -86,10 +86,13 @@ def test_extreme_drafts_all_stage_counts(tiny_target, unrelated_draft, mode, dra
                          min_accept_prob=0.0) as engine:
             out = engine.complete(GenerationRequest(tuple(prompt), REFERENCE_LEN))
         assert out.token_ids == expected, (stages, out.stats)
+        # pipeinfer mode launches a guess only if it is ready in time (never waits for
+        # the draft), so on a busy machine it may launch none: sync, which waits, must.
         if draft == "self" and mode != "ar":
-            assert out.stats.acceptance_rate == 1.0
+            assert out.stats.num_accepted_tokens == out.stats.num_draft_tokens  # every launched guess was right
             assert out.stats.num_runs_cancelled == 0
-        if draft == "unrelated" and mode == "pipeinfer":
+            assert out.stats.num_draft_tokens > 0 or mode == "pipeinfer"
+        if draft == "unrelated" and mode == "pipeinfer" and out.stats.num_draft_tokens:
             assert out.stats.num_runs_cancelled > 0
 
 
