@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compute.line_kv import with_room
+from compute.line_kv import append_at
 from compute.types import FailureCode
 from pipeline.types import CommitKV, FreeSequence, KVOp, Run
 
@@ -79,10 +79,8 @@ class SequenceKV:
         """k, v [1, kv_heads, n, d] at positions [start, start+n) -> the
         layer's keys and values for positions [0, start+n) (views)."""
         end = start + k.shape[2]
-        self._keys[layer] = with_room(self._keys[layer], end, k)
-        self._values[layer] = with_room(self._values[layer], end, v)
-        self._keys[layer][:, :, start:end] = k
-        self._values[layer][:, :, start:end] = v
+        self._keys[layer] = append_at(self._keys[layer], start, k)
+        self._values[layer] = append_at(self._values[layer], start, v)
         return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
 
     def committed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from compute.sampling import sampling_probs, target_tokens
 from compute.backend import StageBackend, torch_device
+from compute.sampling import sampling_probs, target_tokens
 from compute.stage_model import DTYPES, StageModel
 from compute.threads import on_passing_thread
 from compute.types import Failure, FailureCode
