@@ -118,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     pair.add_arguments(make_pair)
     make_pair.set_defaults(handler=pair.run)
 
+    train_draft = commands.add_parser("train-draft", help="train a draft head for a target by self-distillation "
+                                                          "(use it with --draft head:DIR)")
+    _add_train_args(train_draft)
+    train_draft.set_defaults(handler=_train_draft)
+
     up = commands.add_parser("up", help="start a deployment from a cluster YAML file")
     up.add_argument("spec", help="the cluster YAML file (see examples/)")
     up.add_argument("--foreground", action="store_true", help="stay attached instead of returning once healthy")
@@ -222,6 +227,50 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    from draft_models.distill import TrainConfig
+
+    defaults = TrainConfig()
+    parser.add_argument("--model", default=defaults.model, help="the target: 'default', a Hugging Face directory "
+                        "or a .gguf file")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the head, its data, checkpoint and "
+                        "plot (a rerun resumes there)")
+    parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts,
+                        help="prompts the target answers (the project's chat prompt set, cycled); a tenth held out")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens per answer")
+    parser.add_argument("--sampled-share", type=float, default=defaults.sampled_share,
+                        help="share of answers sampled (temperature 0.7) rather than greedy")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
+    parser.add_argument("--batch", type=int, default=defaults.batch, help="conversations per step")
+    parser.add_argument("--depth", type=int, default=defaults.depth, help="draft steps unrolled per position")
+    parser.add_argument("--draft-vocab", type=int, default=defaults.draft_vocab,
+                        help="tokens the head predicts (those the target writes most)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                        help="steps between held-out measurements and checkpoints")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: cuda where present, else cpu)")
+
+
+def _train_draft(args: argparse.Namespace) -> int:
+    import torch
+
+    from compute.backend import torch_device
+    from draft_models.distill import TrainConfig, train
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = TrainConfig(model=args.model, out_dir=args.out, num_prompts=args.num_prompts,
+                         max_new_tokens=args.max_new_tokens, sampled_share=args.sampled_share, steps=args.steps,
+                         batch=args.batch, depth=args.depth, draft_vocab=args.draft_vocab, lr=args.lr,
+                         eval_every=args.eval_every, seed=args.seed, device=str(torch_device(device)))
+    summary = train(config)
+    accepted = " ".join(f"{a:.2f}" for a in summary["acceptance_by_depth"])
+    print(f"head in {args.out}: {summary['head_params'] / 1e6:.1f} M parameters; held-out acceptance by depth "
+          f"{accepted} (mean accepted length {summary['mean_accepted_len']}); {summary['seconds_this_run']} s; "
+          f"use it with --draft head:{args.out}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from loadtests.bench import DEFAULT_PROMPTS, load_prompts, run_bench
 
@@ -237,6 +286,11 @@ def _bench(args: argparse.Namespace) -> int:
                          long_prompt=args.long_prompt)
     results = run_bench(config, show_progress=True)
     print(format_summary(results))
+    if "draft_head" in results:
+        head = results["draft_head"]
+        against = "" if head["frac_of_target_forward"] is None else (
+            f" = {head['frac_of_target_forward']:.3f} of a one-token target forward ({head['target_forward_ms']} ms, ar mode)")
+        print(f"draft head on the last stage: {head['ms_per_guess']} ms a guess ({head['guesses']} guesses){against}")
     if "long_prompt" in results:
         lp = results["long_prompt"]
         print(f"a {lp['short_tokens']}-token request: {lp['short_alone_ms']} ms alone, {lp['short_during_ms']} ms during "

@@ -17,7 +17,7 @@ from cluster.spec import ClusterSpec, SpecError
 from compute.model_source import resolve_model
 from compute.stage_model import DTYPES
 from draft_models import parse_draft
-from draft_models.factory import draft_model_dir
+from draft_models.factory import draft_model_dir, head_path
 from pipeline.cores import default_cores_per_stage
 from pipeline.partition import ModelCosts, StagePlan, balanced_ranges, model_costs
 
@@ -38,8 +38,9 @@ def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLay
     costs = model_costs(model_dir)
     stages = spec.stage_list()
     extra = {}
+    draft_params = _draft_params(spec.draft, costs, model_dir)
     if spec.draft_stage is not None:
-        extra[spec.draft_stage] = _draft_params(spec.draft, costs, model_dir)
+        extra[spec.draft_stage] = draft_params
     if stages[0].layers is not None:
         ranges = [s.layers for s in stages]
         _check_contiguous(ranges, len(costs.layer_params))
@@ -74,6 +75,8 @@ def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLay
 def _draft_params(text: str, costs: ModelCosts, model_dir: Path) -> int:
     """Compute per token the draft adds to the stage whose node runs it."""
     spec = parse_draft(text)
+    if spec.kind == "head":  # it computes on the last stage; checked here, before anything starts
+        head_path(spec, model_dir)
     if spec.is_free or spec.kind == "synthetic":  # synthetic's cost is modelled by --simulate
         return 0
     if spec.kind == "layers":

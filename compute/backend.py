@@ -9,7 +9,7 @@ CUDA graphs) implements the same contract and is chosen in Stage.load.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
 import torch
@@ -76,6 +76,9 @@ class StageBackend(Protocol):
       before_layer(local_index) where given.
     - Keys and values live where each run's LayerKV puts them; the backend
       only calls extend() once per layer per run, in layer order.
+    - Features for a draft head: columns of a hidden state beyond
+      hidden_size are carried through unchanged, and the outputs of the
+      `capture` layers (local indices) are appended after them, in order.
     - logits returns float32 logits on the host, for the rows asked.
     - The arithmetic does not depend on the batch: a run's outputs are the
       same computed alone or beside others (the lossless suites check it).
@@ -109,6 +112,7 @@ class StageBackend(Protocol):
 
     def forward_batch(self, hiddens: list[torch.Tensor], kvs: list[LayerKV],
                       cancelled: Callable[[], list[bool]] | None = None,
-                      before_layer: Callable[[int], None] | None = None) -> list[torch.Tensor | None]: ...
+                      before_layer: Callable[[int], None] | None = None,
+                      capture: Collection[int] = ()) -> list[torch.Tensor | None]: ...
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...

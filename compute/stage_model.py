@@ -10,7 +10,7 @@ and the arithmetic is the same whatever the split.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -174,27 +174,36 @@ class StageModel(nn.Module):
         kvs: list[LayerKV],
         cancelled: Callable[[], list[bool]] | None = None,
         before_layer: Callable[[int], None] | None = None,
+        capture: Collection[int] = (),
     ) -> list[torch.Tensor | None]:
         """Several runs (any sequences, any lengths) through the layers in one
         forward: their tokens are packed into one [1, sum n, H] so that every
         weight is read once for all of them; only attention is per run.
         hiddens[i] [1, n_i, H] for positions [kvs[i].context_len, +n_i).
         cancelled() -> per run, whether to stop it (asked between layers; a
-        stopped run leaves the pack and gets None). Outputs are on the host."""
+        stopped run leaves the pack and gets None). Outputs are on the host.
+        Columns beyond H are features a draft head reads (draft_models/head.py):
+        carried through, and the outputs of the `capture` layers (local
+        indices) appended after them."""
         device, dtype = self.device, self.dtype
-        hiddens = [h.to(device, dtype) for h in hiddens]  # (no copy where they already are)
+        width = self.config.hidden_size
+        carried = [h[..., width:].cpu() for h in hiddens]
+        hiddens = [h[..., :width].to(device, dtype) for h in hiddens]  # (no copy where they already are)
         if device.type != "cuda":
-            return self._forward_batch(hiddens, kvs, cancelled, before_layer)
-        # Not cuDNN's attention: its setup is redone for every new key length,
-        # i.e. every token (measured on an H100: 3.2 ms a call, 75% of a step).
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            return [None if h is None else h.cpu() for h in self._forward_batch(hiddens, kvs, cancelled, before_layer)]
+            outs = self._forward_batch(hiddens, kvs, cancelled, before_layer, capture)
+        else:
+            # Not cuDNN's attention: its setup is redone for every new key length,
+            # i.e. every token (measured on an H100: 3.2 ms a call, 75% of a step).
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+                outs = self._forward_batch(hiddens, kvs, cancelled, before_layer, capture)
+        return [None if out is None else _joined(out[0], carried[i], out[1:]) for i, out in enumerate(outs)]
 
-    def _forward_batch(self, hiddens, kvs, cancelled, before_layer) -> list[torch.Tensor | None]:
+    def _forward_batch(self, hiddens, kvs, cancelled, before_layer, capture) -> list[list[torch.Tensor] | None]:
         segments = _packed([_Segment(i, h.shape[1], kv, *self._positions(h, kv))
                             for i, (h, kv) in enumerate(zip(hiddens, kvs))])
         hidden = torch.cat(hiddens, dim=1) if len(hiddens) > 1 else hiddens[0]
         cos, sin = (torch.cat(parts, dim=1) for parts in zip(*(seg.rotary for seg in segments)))
+        captured: list[list[torch.Tensor]] = [[] for _ in hiddens]
         for idx, layer in enumerate(self.layers):
             if before_layer is not None:
                 before_layer(idx)
@@ -208,9 +217,12 @@ class StageModel(nn.Module):
                 if not segments:
                     break
             hidden = _decoder_layer(layer, idx, hidden, cos, sin, segments)
-        out: list[torch.Tensor | None] = [None] * len(hiddens)
-        for seg in segments:
-            out[seg.index] = hidden[:, seg.offset:seg.offset + seg.num_new]
+            if idx in capture:
+                for seg in segments:
+                    captured[seg.index].append(hidden[:, seg.offset:seg.offset + seg.num_new])
+        out: list[list[torch.Tensor] | None] = [None] * len(hiddens)
+        for seg in segments:  # a run's output, then what it captured
+            out[seg.index] = [hidden[:, seg.offset:seg.offset + seg.num_new], *captured[seg.index]]
         return out
 
     def _positions(self, hidden: torch.Tensor, kv: LayerKV):
@@ -249,6 +261,13 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def _joined(hidden: torch.Tensor, carried: torch.Tensor, captured: list[torch.Tensor]) -> torch.Tensor:
+    """A run's output on the host: its hidden states, then the features it carried, then those it captured."""
+    if not carried.shape[-1] and not captured:
+        return hidden.cpu()
+    return torch.cat([hidden.cpu(), carried, *(c.cpu() for c in captured)], dim=-1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from compute.model_source import ModelSourceError, load_config, resolve_model
 from compute.stage_model import StageModel
 from compute.threads import on_passing_thread
 from draft_models.base import DraftModel, NoDraft
+from draft_models.head import HeadError, TailDraft, checked_head_dir
 from draft_models.model_draft import ModelDraft
 from draft_models.ngram import NGramDraft
 from draft_models.spec import DRAFT_KINDS, DraftSpec, DraftSpecError, parse_draft
@@ -34,10 +35,21 @@ def load_draft(text: str, target_dir: Path, dtype: torch.dtype = torch.float32, 
         return SyntheticDraft(oracle, spec.acceptance, target_config.vocab_size)
     if spec.kind == "int8":
         return ModelDraft(spec.text, on_passing_thread(lambda: _int8_model(target_dir, num_layers)))
+    if spec.kind == "head":
+        head_path(spec, target_dir)
+        return TailDraft(spec.text)
     if spec.kind == "vllm":
         return _vllm_draft(spec, target_dir, dtype, show_progress)
     draft_dir = draft_model_dir(spec, target_dir, show_progress)
     return ModelDraft(spec.text, _packed_model(draft_dir, load_config(draft_dir).num_hidden_layers, dtype))
+
+
+def head_path(spec: DraftSpec, target_dir: Path) -> Path:
+    """head:PATH's directory, checked against the target (a clear --draft error)."""
+    try:
+        return checked_head_dir(spec.path, target_dir)
+    except HeadError as exc:
+        raise spec.error(str(exc)) from None
 
 
 def _packed_model(model_dir: Path, num_layers: int, dtype: torch.dtype) -> StageModel:

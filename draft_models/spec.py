@@ -13,6 +13,8 @@ DRAFT_KINDS = {
     "layers:N": "the target's first N layers and its head",
     "int8": "a dynamically int8-quantized copy of the target",
     "synthetic:ALPHA": "an acceptance model for bench --simulate",
+    "head:default": "the draft head shipped for the default model, run by the last stage (tail drafting)",
+    "head:PATH": "a head trained with pipeinfer train-draft for this target",
     "vllm:PATH": "a draft run by vLLM (extra pipeinfer[vllm]), PATH as below",
     "PATH": "a smaller model sharing the target's tokenizer: a directory, a .gguf, 'default', or 'target' itself",
 }
@@ -26,15 +28,16 @@ class DraftSpecError(ValueError):
 @dataclass(frozen=True, slots=True)
 class DraftSpec:
     text: str  # as given, for messages
-    kind: str  # none | ngram | layers | int8 | synthetic | vllm | model
+    kind: str  # none | ngram | layers | int8 | synthetic | head | vllm | model
     num_layers: int | None = None  # layers:N
     acceptance: float | None = None  # synthetic:ALPHA
-    path: str | None = None  # vllm:PATH, or a model path
+    path: str | None = None  # vllm:PATH, head:PATH, or a model path
 
     @property
     def is_free(self) -> bool:
-        """Its guesses cost no compute (as the loaded draft's is_free says)."""
-        return self.kind in ("none", "ngram")
+        """Its guesses cost the coordinator's side no compute (as the loaded
+        draft's is_free says; a head computes on the last stage)."""
+        return self.kind in ("none", "ngram", "head")
 
     def error(self, message: str) -> DraftSpecError:
         return DraftSpecError(f"--draft {self.text!r}: {message}")
@@ -65,6 +68,10 @@ def parse_draft(text: str) -> DraftSpec:
         if not 0.0 <= acceptance <= 1.0:
             raise DraftSpecError(f"--draft {text!r}: expected synthetic:ALPHA with ALPHA in [0, 1]")
         return DraftSpec(text, "synthetic", acceptance=acceptance)
+    if kind == "head":
+        if not arg.strip():
+            raise DraftSpecError(f"--draft {text!r}: expected head:default or head:PATH (a train-draft output)")
+        return DraftSpec(text, "head", path=arg.strip())
     if kind == "vllm":
         if not arg.strip():
             raise DraftSpecError(f"--draft {text!r}: expected vllm:PATH (a model directory, a .gguf, 'default' "

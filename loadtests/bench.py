@@ -29,7 +29,7 @@ from compute.stage_model import DTYPES, PackedLinear, can_pack
 from compute.threads import on_passing_thread
 from compute.types import GenerationRequest, SamplingParams, check_context
 from loadtests.bench_plots import write_plots
-from loadtests.bench_summary import Floor, ModeRecord, outputs_match, ratios, summarize
+from loadtests.bench_summary import Floor, ModeRecord, head_cost, outputs_match, ratios, summarize
 from loadtests.calibrate import calibrate
 from loadtests.timing import RequestTiming
 from pipeline.engine import Engine, EngineConfig, GenerationError
@@ -309,12 +309,15 @@ def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord], flo
     if floor is not None:
         setup["machine"]["read_gb_per_s"] = round(floor.read_bytes_per_s / 1e9, 2)
         setup["stage_weight_bytes"] = floor.stage_weight_bytes
-    return {
+    results = {
         "setup": setup,
         "modes": modes,
         "ratios": all_ratios,
         "outputs_equal_first_mode": outputs_match(records),
     }
+    if any(stats.get("draft_head_tokens") for stats in engine.stage_stats()):
+        results["draft_head"] = head_cost(engine.stage_stats(), records)
+    return results
 
 
 def _setup(config: BenchConfig, engine: Engine, profile) -> dict:

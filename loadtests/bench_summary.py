@@ -96,6 +96,21 @@ def _bandwidth_fractions(passes, floor: Floor) -> list[float | None]:
     return fractions
 
 
+def head_cost(stage_stats: list[dict], records: list[ModeRecord]) -> dict:
+    """Tail drafting's price: the head's time per guess on the last stage,
+    against one target forward of a single token (the sum over the stages of
+    their median one-token forward, from ar mode's runs, which draft nothing)."""
+    last = stage_stats[-1]
+    per_guess = last["draft_head_s"] / last["draft_head_tokens"]
+    ar_spans = [span for record in records if record.key == "ar" for span in record.spans]
+    per_stage = [[f.duration_s for f in forwards(ar_spans) if f.stage == stage and len(f.spans) == 1
+                  and f.spans[0].num_tokens == 1 and f.spans[0].outcome == "computed"] for stage in range(len(stage_stats))]
+    forward_s = sum(float(np.median(times)) for times in per_stage) if all(per_stage) else None
+    return {"ms_per_guess": round(1000 * per_guess, 4), "guesses": last["draft_head_tokens"],
+            "target_forward_ms": None if forward_s is None else round(1000 * forward_s, 3),
+            "frac_of_target_forward": None if forward_s is None else _ratio(per_guess, forward_s)}
+
+
 def ratios(summaries: dict[str, dict], concurrency: int, baselines: list[str]) -> dict[str, float | None]:
     """tokens/s of one mode over another's, at one concurrency."""
     suffix = "" if concurrency == 1 else f"@c{concurrency}"

@@ -60,8 +60,10 @@ class Coordinator:
     instead."""
 
     def __init__(self, transport: Transport, drafter: Drafter, config: SpeculationConfig, max_context: int,
-                 stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
+                 stall_timeout_s: float = STALL_TIMEOUT_S, tail_drafting: bool = False) -> None:
+        """tail_drafting: the last stage drafts (a head) and its guesses come with the results."""
         self.transport = transport
+        self.tail_drafting = tail_drafting
         self.stall_timeout_s = stall_timeout_s
         self.drafter = drafter
         self.config = config
@@ -210,11 +212,14 @@ class Coordinator:
         elif kind == "guesses":
             seq = self._seqs.get(payload.seq_id)
             if seq is not None:
-                seq.stats.draft_calls += 1
-                seq.stats.draft_guesses += len(payload.token_ids)
-                seq.stats.draft_s += payload.seconds
-                self.draft_history.observe_compute(len(payload.token_ids), payload.seconds)
-                seq.add_guesses(payload)
+                self._take_guesses(seq, payload)
+
+    def _take_guesses(self, seq: SequenceState, guesses: Guesses) -> None:
+        seq.stats.draft_calls += 1
+        seq.stats.draft_guesses += len(guesses.token_ids)
+        seq.stats.draft_s += guesses.seconds
+        self.draft_history.observe_compute(len(guesses.token_ids), guesses.seconds)
+        seq.add_guesses(guesses)
 
     def _fail_sequence_of(self, kind: str, payload, exc: Exception) -> None:
         if kind in ("speculation", "fail_all"):
@@ -361,6 +366,7 @@ class Coordinator:
             sampling=seq.request.sampling,
             # A root run's outputs before its last verified token are known (a chunk's, all of them).
             logits_from=len(tip) if chunk is not None else max(0, len(tip) - 1),
+            tail_guesses=0 if chunk is not None else self._tail_guesses(seq, start_pos + len(tip) + len(guesses)),
         )
         seq.launched[run.run_id] = Launched([None] * len(tip) + list(guesses), value,
                                             submitted_at=None if parent else self.clock())
@@ -368,6 +374,17 @@ class Coordinator:
         seq.chain.append(run)
         seq.stats.num_runs += 1
         self.transport.submit(run)
+
+    def _tail_guesses(self, seq: SequenceState, end_pos: int) -> int:
+        """How many guesses the last stage's head adds to a run's result: a
+        run's worth (sync), two (pipeinfer: one for a run chained behind the
+        next); none in ar mode, for unseeded sampling (where verification
+        ends is drawn at the coordinator) or past max_tokens."""
+        sampling = seq.request.sampling
+        if not self.tail_drafting or self.config.mode is Mode.AR or not (sampling.is_greedy or sampling.is_coupled):
+            return 0
+        runs = 2 if self.config.mode is Mode.PIPEINFER else 1
+        return max(0, min(runs * self.config.draft_len, seq.max_useful_position - end_pos))
 
     # ---- receive, verify, commit/cancel ---------------------------------
 
@@ -444,6 +461,10 @@ class Coordinator:
             seq.new_line()
         elif is_after_pending:
             seq.pending.popleft()  # the pending guess just accepted is verified text now
+        if result.guesses:  # tail drafting: the head drafted from where this verification ended
+            self._take_guesses(seq, Guesses(seq.seq_id, seq.epoch, result.guesses_start, list(result.guesses),
+                                            [None] * len(result.guesses), list(result.guess_confidences),
+                                            is_exhausted=True))
 
     @staticmethod
     def _learn(seq: SequenceState, guesses: list[Guess | None], verdict) -> None:

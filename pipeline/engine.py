@@ -20,6 +20,7 @@ from compute.model_source import load_config, resolve_model
 from compute.stage_model import DTYPES
 from compute.types import Failure, FailureCode, GenerationRequest, SamplingParams
 from draft_models import parse_draft
+from draft_models.factory import head_path
 from pipeline.coordinator import STALL_TIMEOUT_S, Coordinator
 from pipeline.cores import default_cores_per_stage, split_cores
 from pipeline.drafter import Drafter
@@ -63,12 +64,16 @@ class EngineConfig:
 
     def plans(self, model_dir: Path) -> tuple[StagePlan, ...]:
         """The stages' layer ranges: the explicit ones, or a split balancing
-        compute (over the simulated cluster's own stage count)."""
+        compute (over the simulated cluster's own stage count); with a head
+        draft's directory where the draft is one."""
+        spec = parse_draft(self.draft)
+        head = str(head_path(spec, model_dir)) if spec.kind == "head" else None
         if self.stage_plans:
-            return tuple(dataclasses.replace(plan, device=plan.device or self.device) for plan in self.stage_plans)
+            return tuple(dataclasses.replace(plan, device=plan.device or self.device, draft_head=head)
+                         for plan in self.stage_plans)
         num_stages = get_profile(self.simulate).num_stages if self.simulate else self.num_stages
         cpus = self.stage_cpus or default_cores_per_stage(num_stages)
-        return tuple(dataclasses.replace(plan, num_cpus=cpus, device=self.device)
+        return tuple(dataclasses.replace(plan, num_cpus=cpus, device=self.device, draft_head=head)
                      for plan in balanced_plans(model_dir, num_stages))
 
     @property
@@ -118,7 +123,8 @@ class Engine:
     assemble its own."""
 
     def __init__(self, model_dir: Path, transport: Transport, drafter: Drafter, speculation: SpeculationConfig,
-                 *, stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
+                 *, stall_timeout_s: float = STALL_TIMEOUT_S, tail_drafting: bool = False) -> None:
+        """tail_drafting: the last stage runs a draft head and returns its guesses with each result."""
         self.model_dir = Path(model_dir)
         self.model_config = load_config(model_dir)
         self.tokenizer = _load_tokenizer(self.model_dir)
@@ -126,7 +132,7 @@ class Engine:
         self.transport = transport
         self.speculation = speculation
         self._coordinator = Coordinator(transport, drafter, speculation, self.model_config.max_position_embeddings,
-                                        stall_timeout_s)
+                                        stall_timeout_s, tail_drafting)
 
     @classmethod
     def load(cls, config: EngineConfig, *, layer_delay: LayerDelay | None = None, show_progress: bool = True,
@@ -136,7 +142,8 @@ class Engine:
         transport = _make_transport(config, model_dir, plans, layer_delay, show_progress)
         try:
             engine = cls(model_dir, transport, transport.drafter(config.draft, model_dir, config.dtype),
-                         config.speculation, stall_timeout_s=stall_timeout_s)
+                         config.speculation, stall_timeout_s=stall_timeout_s,
+                         tail_drafting=plans[-1].draft_head is not None)
         except BaseException:
             transport.close()  # stages, and the private Ray they run on
             raise

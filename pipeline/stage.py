@@ -19,6 +19,7 @@ from compute.sampling import sampling_probs, target_tokens
 from compute.stage_model import DTYPES, StageModel
 from compute.threads import on_passing_thread
 from compute.types import Failure, FailureCode
+from draft_models.head import DraftHead, HeadLine, read_head_config
 from pipeline.kv_cache import KVCacheError, StageKVCache
 from pipeline.partition import StagePlan
 from pipeline.trace import SpanRecorder, StageSpan
@@ -31,11 +32,20 @@ class StageCounters:
     num_runs_skipped: int = 0  # cancelled before they started here
     num_runs_stopped_mid_forward: int = 0  # cancelled between two layers
     num_forwards: int = 0  # forwards computed; fewer than runs where runs shared one (batching)
+    draft_head_s: float = 0.0  # tail drafting: the head's compute
+    draft_head_tokens: int = 0  # and the guesses it made
 
 
 class Stage:
-    def __init__(self, model: StageBackend, stage_index: int, kv_budget_bytes: int | None = None) -> None:
+    def __init__(self, model: StageBackend, stage_index: int, kv_budget_bytes: int | None = None,
+                 head: DraftHead | None = None, capture: tuple[int, ...] = ()) -> None:
+        """head: a draft head the last stage runs after the logits (tail
+        drafting); capture: the local layers whose outputs a head downstream
+        reads (they travel on with the hidden states)."""
         self.model = model
+        self.head = head
+        self.head_lines: dict[int, HeadLine] = {}  # seq_id -> the head's state (last stage, with a head)
+        self.capture = capture
         self.stage_index = stage_index
         self.kv = StageKVCache(model.num_layers, kv_budget_bytes)
         self.counters = StageCounters()
@@ -54,10 +64,17 @@ class Stage:
         device: cpu | cuda[:N], unless its plan names its own."""
         plan = plans[index]
         where = torch_device(plan.device or device)
+        is_last = index == len(plans) - 1
         model = on_passing_thread(lambda: StageModel.load(
-            model_dir, plan.layer_start, plan.layer_end, with_embed=index == 0, with_head=index == len(plans) - 1,
+            model_dir, plan.layer_start, plan.layer_end, with_embed=index == 0, with_head=is_last,
             dtype=DTYPES[plan.dtype or dtype], device=where).pack_weights())
-        return cls(model, index, kv_budget_bytes)
+        if plan.draft_head is None:
+            return cls(model, index, kv_budget_bytes)
+        head_dir = Path(plan.draft_head)
+        layers = read_head_config(head_dir).feature_layers
+        capture = tuple(layer - plan.layer_start for layer in layers if plan.layer_start <= layer < plan.layer_end)
+        head = on_passing_thread(lambda: DraftHead.load(head_dir, Path(model_dir))) if is_last else None
+        return cls(model, index, kv_budget_bytes, head, capture)
 
     def stats(self) -> dict:
         """Safe to call from any thread."""
@@ -73,6 +90,8 @@ class Stage:
             "num_runs_skipped": self.counters.num_runs_skipped,
             "num_runs_stopped_mid_forward": self.counters.num_runs_stopped_mid_forward,
             "num_forwards": self.counters.num_forwards,
+            "draft_head_s": round(self.counters.draft_head_s, 6),
+            "draft_head_tokens": self.counters.draft_head_tokens,
         }
 
     def _refresh_snapshot(self) -> None:
@@ -109,6 +128,7 @@ class Stage:
         self._active_at = time.monotonic()
         self.kv.apply(op)
         if isinstance(op, FreeSequence):
+            self.head_lines.pop(op.seq_id, None)
             with self._lock:
                 self._cancelled.pop(op.seq_id, None)
         self._refresh_snapshot()
@@ -163,7 +183,7 @@ class Stage:
         self.counters.num_forwards += 1
         hiddens = self.model.forward_batch(
             [hidden for _, _, hidden, _ in live], [run_kv for *_, run_kv in live],
-            lambda: [self._between_layers(run) for _, run, _, _ in live], before_layer)
+            lambda: [self._between_layers(run) for _, run, _, _ in live], before_layer, self.capture)
         done = []
         for (i, run, _, _), hidden in zip(live, hiddens):
             if hidden is None:
@@ -177,12 +197,15 @@ class Stage:
             done.append((i, run, hidden))
         if not self.is_last or not done:
             return
-        needed = [hidden[:, run.logits_from:] for _, run, hidden in done]
+        width = self.head.config.hidden_size if self.head is not None else None
+        needed = [hidden[:, run.logits_from:, :width] for _, run, hidden in done]
         logits = self.model.logits(torch.cat(needed, dim=1))  # one read of the head, for the outputs needed
         offset = 0
-        for (i, run, _), rows in zip(done, needed):
+        for (i, run, hidden), rows in zip(done, needed):
             try:  # a request whose own parameters cannot be computed fails alone, not the runs beside it
                 outs[i] = self._result(run, logits[offset:offset + rows.shape[1]])
+                if self.head is not None:
+                    self._draft(run, outs[i], hidden[0, :, width:])
             except Exception as exc:
                 outs[i] = stage_failure(run, self.stage_index, exc)
             offset += rows.shape[1]
@@ -196,6 +219,27 @@ class Stage:
             out_bytes = 0
         self.spans.record(StageSpan(self.stage_index, run.seq_id, run.run_id, run.is_speculative,
                                     len(run.token_ids), started, ended, outcome, out_bytes))
+
+    def _draft(self, run: Run, result: RunResult, features: torch.Tensor) -> None:
+        """Tail drafting. Every run: the head's line takes in the run's
+        positions (features [n, feature width] of the head's feature layers,
+        and its tokens). Where the run asks for guesses: the head's, from
+        where verification will end (the first output that refutes the run's
+        next input; greedy and seeded requests, whose target tokens are known
+        here), onto the result."""
+        started = time.perf_counter()
+        line = self.head_lines.setdefault(run.seq_id, HeadLine())
+        self.head.extend(line, run.start_pos, features, run.token_ids)
+        tokens, first = result.target_token_ids, run.logits_from
+        if run.tail_guesses and tokens:
+            end = first  # the output whose target token verification ends with
+            while end + 1 < len(run.token_ids) and run.token_ids[end + 1] == tokens[end - first]:
+                end += 1
+            result.guesses, result.guess_confidences = self.head.draft(
+                line, run.start_pos + end, tokens[end - first], run.tail_guesses, run.sampling)
+            result.guesses_start = run.start_pos + end + 2  # after the target's token at end + 1
+            self.counters.draft_head_tokens += len(result.guesses)
+        self.counters.draft_head_s += time.perf_counter() - started
 
     @staticmethod
     def _result(run: Run, logits: torch.Tensor) -> RunResult:
@@ -223,4 +267,4 @@ def result_bytes(result: RunResult) -> int:
     """What a result costs on the wire back to the coordinator."""
     if result.target_probs is not None:
         return result.target_probs.numel() * result.target_probs.element_size()
-    return 8 * len(result.target_token_ids or ())
+    return 8 * len(result.target_token_ids or ()) + 12 * len(result.guesses)  # a guess: its id and confidence

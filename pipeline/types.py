@@ -39,6 +39,9 @@ class Run:
     # The outputs verification needs start at this index: the last stage runs
     # the head (21% of a small model's weights, per position) only from there.
     logits_from: int = 0
+    # Guesses a draft head on the last stage adds to the result (tail drafting;
+    # greedy and seeded requests), drafted from where verification will stop.
+    tail_guesses: int = 0
 
     @property
     def end_pos(self) -> int:
@@ -58,6 +61,12 @@ class RunResult:
     target_token_ids: list[int] | None = None  # [num_tokens - logits_from]
     target_probs: torch.Tensor | None = None  # [num_tokens - logits_from, vocab]
     failure: Failure | None = None  # set when a stage failed on this run
+    # Tail drafting: the head's guesses for the positions from guesses_start
+    # on (right after the target token verification ends with), and its
+    # probability of each.
+    guesses: list[int] = field(default_factory=list)
+    guess_confidences: list[float] = field(default_factory=list)
+    guesses_start: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,3 +56,12 @@ def tiny_text_model(tmp_path_factory, default_model):
     """A tiny random Llama with SmolLM2's tokenizer and chat template."""
     return make_tiny_model_with_tokenizer(tmp_path_factory.mktemp("tiny-text") / "m", seed=7,
                                           tokenizer_from=default_model, num_layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_heads(tiny_dir, tiny_targets) -> dict[str, Path]:
+    """An untrained draft head per tiny target (its guesses are mostly wrong),
+    predicting a reduced vocabulary of half the target's."""
+    from tests.helpers import make_tiny_head
+
+    return {arch: make_tiny_head(target, tiny_dir / f"head-{arch}", seed=11) for arch, target in tiny_targets.items()}

@@ -122,6 +122,19 @@ def load_engine(model: Path | str, draft: str | DraftModel | Drafter = "none", s
     return Engine.load(config, layer_delay=layer_delay, show_progress=False, stall_timeout_s=stall_timeout_s)
 
 
+def make_tiny_head(target_dir: Path, out_dir: Path, seed: int) -> Path:
+    """A random draft head for a tiny target (draft_models/head.py), saved as train-draft saves one."""
+    from compute.stage_model import read_safetensors
+    from draft_models.head import DraftHead, HeadConfig
+
+    vocab = AutoConfig.from_pretrained(target_dir).vocab_size
+    config = HeadConfig.for_target(target_dir, tuple(range(vocab - 1, vocab // 2 - 1, -1)))
+    torch.manual_seed(seed)
+    embedding = read_safetensors(target_dir, ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+    DraftHead(config, embedding).save(out_dir)
+    return Path(out_dir)
+
+
 def make_tiny_model_with_tokenizer(out_dir: Path, seed: int, tokenizer_from: Path, **kwargs) -> Path:
     """A tiny random model that speaks the default model's tokenizer (for text APIs)."""
     vocab_size = AutoConfig.from_pretrained(tokenizer_from).vocab_size

@@ -13,6 +13,7 @@ from draft_models import DraftSpecError
 from draft_models.spec import DRAFT_KINDS
 from pipeline.partition import balanced_ranges, model_costs
 from tests.compute.test_stage_model import full_model_bytes
+from tests.helpers import make_tiny_head
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -88,7 +89,8 @@ def test_a_split_that_does_not_fit_says_by_how_much(tmp_path, default_model):
 
 # One example of every draft kind the CLI accepts (draft_models.spec.DRAFT_KINDS).
 DRAFT_EXAMPLES = {"none": "none", "ngram": "ngram", "layers:N": "layers:2", "int8": "int8",
-                  "synthetic:ALPHA": "synthetic:0.8", "vllm:PATH": "vllm:default", "PATH": "default"}
+                  "synthetic:ALPHA": "synthetic:0.8", "vllm:PATH": "vllm:default", "PATH": "default",
+                  "head:default": "head:default", "head:PATH": "head:HEAD"}
 
 
 def test_the_examples_cover_every_draft_kind():
@@ -96,8 +98,11 @@ def test_the_examples_cover_every_draft_kind():
 
 
 @pytest.mark.parametrize("draft", DRAFT_EXAMPLES.values())
-def test_plan_and_up_accept_every_draft_kind(tmp_path, tiny_text_model, draft):
-    path = write(tmp_path, f"model: {tiny_text_model}\ndraft: {draft}\nstages: 2\ntransport: local\n")
+def test_plan_and_up_accept_every_draft_kind(tmp_path, tiny_text_model, default_model, draft):
+    model = default_model if draft == "head:default" else tiny_text_model  # the shipped head is the default model's
+    if draft == "head:HEAD":
+        draft = f"head:{make_tiny_head(tiny_text_model, tmp_path / 'head', seed=1)}"
+    path = write(tmp_path, f"model: {model}\ndraft: {draft}\nstages: 2\ntransport: local\n")
     assert "draft " + draft in plan(str(path))
     config = engine_config(load_spec(path))  # what `up` serves
     assert config.draft == draft and len(config.stage_plans) == 2
@@ -117,6 +122,10 @@ def test_a_malformed_draft_names_its_line(tmp_path, draft, expected):
 def test_a_draft_the_target_cannot_run_is_explained_by_plan(tmp_path, tiny_text_model):
     path = write(tmp_path, f"model: {tiny_text_model}\ndraft: layers:9\nstages: 2\n")
     with pytest.raises(DraftSpecError, match=r"--draft 'layers:9': N must be in 1\.\.4"):
+        plan(str(path))
+    path = write(tmp_path, f"model: {tiny_text_model}\ndraft: head:default\nstages: 2\n")
+    with pytest.raises(DraftSpecError, match=r"--draft 'head:default': the head was trained for a target with "
+                                             r"hidden size 576"):
         plan(str(path))
 
 

@@ -63,6 +63,21 @@ def test_bench_writes_results_plots_and_trace(tmp_path, tiny_text_model):
         assert all(0 < f for f in results["modes"][name]["stage_bandwidth_frac"]), name
 
 
+def test_bench_reports_the_draft_heads_cost(tmp_path, tiny_text_model):
+    """With --draft head:DIR the head's time per guess on the last stage, against a one-token target forward."""
+    from tests.helpers import make_tiny_head
+
+    head = make_tiny_head(tiny_text_model, tmp_path / "head", seed=3)
+    out = tmp_path / "out"
+    assert main(["bench", "--model", str(tiny_text_model), "--draft", f"head:{head}", "--stages", "2",
+                 "--max-tokens", "8", "--repeat", "1", "--out", str(out)]) == 0
+    results = check_outputs(out, ["ar", "sync", "pipeinfer"])
+    cost = results["draft_head"]
+    assert cost["guesses"] > 0 and cost["ms_per_guess"] > 0 and cost["target_forward_ms"] > 0
+    assert cost["frac_of_target_forward"] == pytest.approx(cost["ms_per_guess"] / cost["target_forward_ms"], rel=0.01)
+    assert results["modes"]["sync"]["acceptance_rate"] is not None and results["modes"]["ar"]["acceptance_rate"] is None
+
+
 def test_batched_runs_share_their_forward_s_time_by_tokens():
     """Three runs and a skipped one in a forward of 1 s (each span carries the
     forward's times), then a 4-token prompt alone for 2 s: the cancelled

@@ -46,10 +46,11 @@ def draft_spec(kind: str, model_dir, unrelated_draft) -> str:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_tiny_models_equal_target_greedy(tiny_targets, unrelated_draft, data):
+def test_tiny_models_equal_target_greedy(tiny_targets, unrelated_draft, tiny_heads, data):
     arch = data.draw(st.sampled_from(sorted(tiny_targets)), label="arch")
     model_dir = tiny_targets[arch]
-    draft = data.draw(st.sampled_from(["none", "ngram", "layers:1", "layers:3", "int8", "unrelated", "self"]), label="draft")
+    draft = data.draw(st.sampled_from(["none", "ngram", "layers:1", "layers:3", "int8", "unrelated", "self", "head"]),
+                      label="draft")
     mode = data.draw(st.sampled_from(MODES), label="mode")
     stages = data.draw(st.integers(1, 4), label="stages")
     max_tokens = data.draw(st.integers(1, REFERENCE_LEN), label="max_tokens")
@@ -67,8 +68,8 @@ def test_tiny_models_equal_target_greedy(tiny_targets, unrelated_draft, data):
         rng = random.Random(delay_seed)
         layer_delay = lambda stage, layer: rng.random() * 0.002  # noqa: E731
 
-    with load_engine(model_dir, draft_spec(draft, model_dir, unrelated_draft), stages, mode,
-                     layer_delay=layer_delay, **speculation) as engine:
+    spec = f"head:{tiny_heads[arch]}" if draft == "head" else draft_spec(draft, model_dir, unrelated_draft)
+    with load_engine(model_dir, spec, stages, mode, layer_delay=layer_delay, **speculation) as engine:
         out = engine.complete(GenerationRequest(tuple(prompt), max_tokens))
     assert out.token_ids == reference(model_dir, prompt, max_tokens)
     assert out.finish_reason == "length"
@@ -172,13 +173,13 @@ def coupled_reference(model_dir, prompt, max_tokens, params) -> list[int]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_seeded_sampling_is_identical_in_every_mode_draft_and_timing(tiny_target, unrelated_draft, seed):
+def test_seeded_sampling_is_identical_in_every_mode_draft_and_timing(tiny_target, unrelated_draft, tiny_heads, seed):
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=seed)
     prompt = [9, 8, 7, 9, 8]
     expected = coupled_reference(tiny_target, prompt, 16, params)
     rng = random.Random(seed)
     for mode in Mode:
-        for draft in ("none", "ngram", "layers:2", str(unrelated_draft), str(tiny_target)):
+        for draft in ("none", "ngram", "layers:2", str(unrelated_draft), str(tiny_target), f"head:{tiny_heads['llama']}"):
             stages = rng.randint(1, 4)
             delay = lambda stage, layer: rng.random() * 0.002  # noqa: E731
             with load_engine(tiny_target, draft, stages, mode, layer_delay=delay, min_accept_prob=0.0) as engine:

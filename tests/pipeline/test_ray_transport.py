@@ -54,6 +54,24 @@ def test_ray_stages_are_lossless(tiny_target, unrelated_draft, stages, mode):
             assert out.token_ids == greedy_reference(tiny_target, prompt, max_tokens), (stages, mode)
 
 
+@pytest.mark.parametrize("mode", ["sync", "pipeinfer"])
+def test_tail_drafting_on_ray_stages_is_lossless(tiny_target, tiny_heads, mode):
+    """A head on the last actor: features cross the actors with the hidden
+    states, guesses come back with the results."""
+    from pipeline.engine import EngineConfig
+
+    plans = EngineConfig(draft=f"head:{tiny_heads['llama']}", num_stages=3).plans(tiny_target)
+    transport = RayTransport(str(tiny_target), plans)
+    spec = SpeculationConfig(mode=Mode(mode), min_accept_prob=0.0)
+    with Engine(tiny_target, transport, transport.drafter("none", tiny_target, "float32"), spec,
+                tail_drafting=True) as engine:
+        for prompt, max_tokens in (([3, 4, 5], 17), ([50, 51, 50, 51], 9)):
+            out = engine.complete(GenerationRequest(tuple(prompt), max_tokens))
+            assert out.token_ids == greedy_reference(tiny_target, prompt, max_tokens), mode
+            assert out.stats.draft_guesses > 0
+        assert engine.stage_stats()[-1]["draft_head_tokens"] > 0
+
+
 def test_actors_are_processes_holding_only_their_layers(tiny_target):
     with ray_engine(tiny_target, "none", 2, "ar") as engine:
         stats = engine.stage_stats()

@@ -1,0 +1,179 @@
+"""The draft head (draft_models/head.py), its training (pipeinfer train-draft)
+and tail drafting: the last stage drafts from where verification ends, with
+features captured on every stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from compute.types import GenerationRequest, SamplingParams
+from draft_models import DraftSpecError, parse_draft
+from draft_models.distill import Batch, Conversation, unrolled
+from draft_models.head import CONFIG_FILE, DraftHead, HeadLine, read_head_config
+from pipeline.partition import balanced_plans
+from pipeline.stage import Stage
+from pipeline.types import Mode, Run
+from tests.helpers import greedy_reference, load_engine
+
+PIPEINFER = str(Path(sys.executable).parent / "pipeinfer")
+
+
+def test_head_specs_parse():
+    assert parse_draft("head:default").kind == "head"
+    assert parse_draft("head:/some/dir").path == "/some/dir"
+    assert parse_draft("head:default").is_free  # it computes on the last stage, not beside the coordinator
+    with pytest.raises(DraftSpecError, match="head:default or head:PATH"):
+        parse_draft("head:")
+
+
+def test_a_head_for_another_target_or_no_head_is_a_clear_error(tiny_targets, tiny_heads, tmp_path):
+    with pytest.raises(DraftSpecError, match="trained for a target with"):
+        load_engine(tiny_targets["llama-tied"], f"head:{tiny_heads['llama']}")  # 5 layers, the head knows 4
+    with pytest.raises(DraftSpecError, match=f"holds no {CONFIG_FILE}"):
+        load_engine(tiny_targets["llama"], f"head:{tmp_path}")
+
+
+def test_the_shipped_head_fits_and_matches_the_default_model(default_model):
+    from draft_models.head import checked_head_dir, head_dir
+
+    directory = head_dir("default")
+    assert sum(f.stat().st_size for f in directory.iterdir()) <= 20 * 2**20
+    checked_head_dir("default", default_model)
+    config = read_head_config(directory)
+    assert len(config.feature_layers) == 3 and len(config.draft_vocab) < config.vocab_size
+
+
+def reference_features(model_dir: Path, token_ids: list[int], layers) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        hidden = model(torch.tensor([token_ids]), output_hidden_states=True).hidden_states
+    return torch.cat([hidden[layer + 1][0] for layer in layers], dim=-1)
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_tail_guesses_are_the_heads_own_from_where_verification_ends(tiny_target, tiny_heads, stages, seeded):
+    """A run of [prompt, two right guesses, a wrong one]: the last stage drafts
+    from the wrong guess's position (the target's token there, the features
+    one position before, carried across the stages), exactly as the head
+    does from the target's own hidden states."""
+    head_dir = tiny_heads["llama"]
+    sampling = SamplingParams(temperature=0.8, seed=5) if seeded else SamplingParams()
+    prompt = [5, 17, 33, 5, 17]
+    truth = greedy_reference(tiny_target, prompt, 3) if not seeded else None
+    if seeded:  # the coupled choices, from a run of the prompt alone, one at a time
+        from tests.pipeline.test_lossless import coupled_reference
+
+        truth = coupled_reference(tiny_target, prompt, 3, sampling)
+    wrong = next(t for t in range(2, 96) if t != truth[2])
+    plans = tuple(dataclasses.replace(p, draft_head=str(head_dir)) for p in balanced_plans(tiny_target, stages))
+    pipeline = [Stage.load(tiny_target, plans, i, "float32") for i in range(stages)]
+    run = Run(0, 0, None, 0, (*prompt, truth[0], truth[1], wrong), False, sampling,
+              logits_from=len(prompt) - 1, tail_guesses=4)
+    out = None
+    for stage in pipeline:
+        out = stage.process(run, out)
+    assert out.failure is None and out.target_token_ids[:3] == truth
+    assert out.guesses_start == len(prompt) + 3  # after the target's own token where `wrong` stood
+    head = DraftHead.load(head_dir, tiny_target)
+    text = [*prompt, truth[0], truth[1]]
+    line = HeadLine()
+    head.extend(line, 0, reference_features(tiny_target, text, head.config.feature_layers), text)
+    expected, confidences = head.draft(line, len(text) - 1, truth[2], 4, sampling)
+    assert out.guesses == expected
+    assert out.guess_confidences == pytest.approx(confidences, abs=1e-4)
+    assert all(0.0 <= c <= 1.0 for c in confidences)
+
+
+def test_serving_drafts_what_training_unrolls(tiny_target, tiny_heads):
+    """The head as the last stage runs it (a line extended run by run, then
+    drafting from a position) and as train-draft unrolls it (whole
+    conversations, every start at once) compute the same guesses."""
+    head = DraftHead.load(tiny_heads["llama"], tiny_target)  # packed, as served
+    trained = DraftHead.load(tiny_heads["llama"], tiny_target)
+    trained.output = None  # the training path: the unpacked output matrix
+    text = [5, 17, 33, 5, 17, 60, 2, 71, 9, 40, 41, 42]
+    features = reference_features(tiny_target, text, head.config.feature_layers)
+    to_draft = torch.full((96,), -100, dtype=torch.long)
+    to_draft[torch.tensor(head.config.draft_vocab)] = torch.arange(len(head.config.draft_vocab))
+    batch = Batch.of([Conversation(torch.tensor(text), 1, features.half(), torch.tensor(text[1:] + [0]))], to_draft)
+    batch.features = features.unsqueeze(0)  # full precision, as served
+    with torch.no_grad():
+        steps = unrolled(trained, batch, depth=3, teacher=False)
+    line = HeadLine()
+    head.extend(line, 0, features[:4], text[:4])  # two runs, as a stage takes them in
+    head.extend(line, 4, features[4:9], text[4:9])
+    for start in (3, 6, 9):  # step 1 from `start` is the entry (features of start - 1, token start)
+        guesses, _ = head.draft(line, start - 1, text[start], 3, SamplingParams())
+        assert guesses == [int(head.draft_vocab[logits[0, start].argmax()]) for logits, _ in steps], start
+
+
+def test_no_tail_guesses_in_ar_mode_or_for_unseeded_sampling(tiny_target, tiny_heads):
+    prompt = (9, 8, 7, 9, 8)
+    with load_engine(tiny_target, f"head:{tiny_heads['llama']}", 2, Mode.SYNC) as engine:
+        unseeded = engine.complete(GenerationRequest(prompt, 12, SamplingParams(temperature=0.9)))
+        greedy = engine.complete(GenerationRequest(prompt, 12))
+    assert unseeded.stats.draft_guesses == 0 and len(unseeded.token_ids) == 12
+    assert greedy.stats.draft_guesses > 0 and greedy.token_ids == greedy_reference(tiny_target, list(prompt), 12)
+    with load_engine(tiny_target, f"head:{tiny_heads['llama']}", 2, Mode.AR) as engine:
+        assert engine.complete(GenerationRequest(prompt, 12)).stats.draft_guesses == 0
+
+
+def train_draft(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PIPEINFER, "train-draft", "--model", str(model), "--out", str(out), "--num-prompts", "8",
+                           "--max-new-tokens", "8", "--batch", "8", "--eval-every", "3", "--draft-vocab", "64",
+                           "--device", "cpu", *extra], capture_output=True, text=True, timeout=600)
+
+
+def test_train_draft_end_to_end_resumes_and_serves(tiny_text_model, tmp_path):
+    """A tiny train-draft run through the command line: the files, a resumed
+    second run, a refused change of settings, and a lossless engine with it."""
+    out = tmp_path / "head"
+    first = train_draft(tiny_text_model, out, "--steps", "6")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"--draft head:{out}" in first.stdout
+    for name in ("head.json", "head.safetensors", "training.png", "data.pt", "checkpoint.pt", "history.json"):
+        assert (out / name).exists(), name
+    history = json.loads((out / "history.json").read_text())
+    assert [s for s, _ in history["loss"]] == list(range(1, 7))
+    assert [s for s, _ in history["eval"]] == [3, 6] and len(history["eval"][0][1]) == 4  # depth 4
+    assert len(read_head_config(out).draft_vocab) == 64
+
+    second = train_draft(tiny_text_model, out, "--steps", "9")
+    assert second.returncode == 0, second.stderr[-2000:]
+    resumed = json.loads((out / "history.json").read_text())
+    assert resumed["loss"][:6] == history["loss"] and [s for s, _ in resumed["loss"]][6:] == [7, 8, 9]
+
+    changed = train_draft(tiny_text_model, out, "--steps", "9", "--lr", "0.5")
+    assert changed.returncode == 2 and "other settings" in changed.stderr
+
+    prompt = [5, 17, 33, 5, 17]
+    for mode in ("sync", "pipeinfer"):
+        with load_engine(tiny_text_model, f"head:{out}", 2, mode, min_accept_prob=0.0) as engine:
+            got = engine.complete(GenerationRequest(tuple(prompt), 16))
+        assert got.token_ids == greedy_reference(tiny_text_model, prompt, 16), mode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [1, 2])
+def test_the_shipped_head_is_lossless_and_guesses_well(default_model, stages):
+    """The default model with head:default on chat prompts: the target's
+    greedy text, and guesses accepted (sync mode, 4 guesses a run)."""
+    messages = [[{"role": "user", "content": "Why do cats purr?"}],
+                [{"role": "user", "content": "Give me two tips for learning to cook."}]]
+    accepted = []
+    with load_engine(default_model, "head:default", stages, Mode.SYNC, draft_len=4) as engine:
+        for message in messages:
+            ids = engine.encode_chat(message)
+            out = engine.complete(GenerationRequest(tuple(ids), 32))
+            assert out.token_ids == greedy_reference(default_model, list(ids), 32)
+            accepted.append(out.stats.mean_accepted_len)
+    assert min(accepted) > 1.5, accepted
