@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from compute.model_source import resolve_model
-from draft_models.head import DraftHead, HeadConfig
+from draft_models.head import DraftHead, HeadConfig, target_embedding
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ def generate_data(config: TrainConfig, model_dir: Path, feature_layers: tuple[in
     prompts = training_prompts()
     prompts = [prompts[i % len(prompts)] for i in range(config.num_prompts)]
     rng = torch.Generator().manual_seed(config.seed)
+    eos = _eos_ids(model)
     conversations: list[Conversation] = []
     bar = tqdm(total=len(prompts), desc="target writes", unit="prompt", disable=not show_progress)
     with torch.inference_mode():
@@ -138,7 +139,7 @@ def generate_data(config: TrainConfig, model_dir: Path, feature_layers: tuple[in
             for row in range(len(batch)):
                 prompt = encoded["input_ids"][row][encoded["attention_mask"][row].bool()]
                 continuation = out[row, width:]
-                stop = [i for i, t in enumerate(continuation.tolist()) if t in _eos_ids(model)]
+                stop = [i for i, t in enumerate(continuation.tolist()) if t in eos]
                 continuation = continuation[: stop[0] + 1] if stop else continuation
                 conversations.append(Conversation(torch.cat([prompt, continuation]).cpu(), len(prompt), None, None))
             _record_features(model, conversations[-len(batch):], feature_layers, config.device)
@@ -301,10 +302,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     train_set, held_out = conversations[held:], conversations[:held]
     head_config = HeadConfig(**{**asdict(shape), "draft_vocab": draft_vocabulary(
         train_set, config.draft_vocab, shape.vocab_size)})
-    from compute.stage_model import read_safetensors
-
-    embedding = read_safetensors(model_dir, ["model.embed_tokens.weight"])["model.embed_tokens.weight"].float()
-    head = DraftHead(head_config, embedding).to(config.device)
+    head = DraftHead(head_config, target_embedding(model_dir).float()).to(config.device)
     to_draft = torch.full((shape.vocab_size,), -100, dtype=torch.long)
     to_draft[torch.tensor(head_config.draft_vocab)] = torch.arange(len(head_config.draft_vocab))
     positions = [sum(len(c.token_ids) - c.prompt_len + 1 for c in part) for part in (train_set, held_out)]

@@ -96,6 +96,11 @@ def read_head_config(directory: Path) -> HeadConfig:
     return HeadConfig(**raw)
 
 
+def target_embedding(target_dir: Path) -> torch.Tensor:
+    """The target's input embedding [vocab, hidden], read alone from its checkpoint."""
+    return read_safetensors(target_dir, ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+
+
 def checked_head_dir(path: str, target_dir: Path) -> Path:
     """head:PATH's directory, checked to hold a head for this target."""
     directory = head_dir(path)
@@ -164,8 +169,7 @@ class DraftHead(nn.Module):
         embedding is read from the target's checkpoint)."""
         config = read_head_config(directory)
         config.check_target(target_dir)
-        embedding = read_safetensors(target_dir, ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-        head = cls(config, embedding.to(dtype))
+        head = cls(config, target_embedding(target_dir).to(dtype))
         weights = load_file(str(directory / WEIGHTS_FILE))
         head.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=True)
         return head.to(dtype).eval().packed()

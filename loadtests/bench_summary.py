@@ -102,8 +102,8 @@ def head_cost(stage_stats: list[dict], records: list[ModeRecord]) -> dict:
     their median one-token forward, from ar mode's runs, which draft nothing)."""
     last = stage_stats[-1]
     per_guess = last["draft_head_s"] / last["draft_head_tokens"]
-    ar_spans = [span for record in records if record.key == "ar" for span in record.spans]
-    per_stage = [[f.duration_s for f in forwards(ar_spans) if f.stage == stage and len(f.spans) == 1
+    ar_forwards = forwards(span for record in records if record.key == "ar" for span in record.spans)
+    per_stage = [[f.duration_s for f in ar_forwards if f.stage == stage and len(f.spans) == 1
                   and f.spans[0].num_tokens == 1 and f.spans[0].outcome == "computed"] for stage in range(len(stage_stats))]
     forward_s = sum(float(np.median(times)) for times in per_stage) if all(per_stage) else None
     return {"ms_per_guess": round(1000 * per_guess, 4), "guesses": last["draft_head_tokens"],

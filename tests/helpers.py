@@ -124,14 +124,12 @@ def load_engine(model: Path | str, draft: str | DraftModel | Drafter = "none", s
 
 def make_tiny_head(target_dir: Path, out_dir: Path, seed: int) -> Path:
     """A random draft head for a tiny target (draft_models/head.py), saved as train-draft saves one."""
-    from compute.stage_model import read_safetensors
-    from draft_models.head import DraftHead, HeadConfig
+    from draft_models.head import DraftHead, HeadConfig, target_embedding
 
     vocab = AutoConfig.from_pretrained(target_dir).vocab_size
     config = HeadConfig.for_target(target_dir, tuple(range(vocab - 1, vocab // 2 - 1, -1)))
     torch.manual_seed(seed)
-    embedding = read_safetensors(target_dir, ["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-    DraftHead(config, embedding).save(out_dir)
+    DraftHead(config, target_embedding(target_dir)).save(out_dir)
     return Path(out_dir)
 
 
