@@ -1,7 +1,8 @@
 """`pipeinfer train-draft`: a draft head trained by self-distillation.
 
 1. The target writes: its greedy (and some sampled) continuations of a
-   prompt set, in batches (Hugging Face generate on the same weights).
+   prompt set, in batches (Hugging Face generate on the same weights), each
+   max_new_tokens long, past end-of-text too.
 2. One teacher-forced pass over each conversation records the target's
    hidden states at the head's feature layers, at every position.
 3. The head learns to predict the target's next-next token from (the
@@ -44,11 +45,11 @@ HISTORY_FILE = "history.json"
 class TrainConfig:
     model: str = "default"
     out_dir: Path = Path("head")
-    num_prompts: int = 960  # of the project's prompt set (training_prompts); a tenth held out
+    num_prompts: int = 2496  # the project's prompt set (training_prompts), all of it; a tenth held out
     max_new_tokens: int = 128
     sampled_share: float = 0.25  # continuations sampled at temperature 0.7 instead of greedy
     gen_batch: int = 16
-    steps: int = 800
+    steps: int = 1200
     batch: int = 8  # conversations per step (every position of each)
     depth: int = 4  # draft steps unrolled in training (and measured)
     draft_vocab: int = 8192
@@ -79,6 +80,19 @@ _TOPICS = (
     "camping", "photography", "the violin", "origami", "sushi", "tea ceremonies", "the Amazon rainforest",
     "glaciers", "hurricanes", "black holes", "batteries", "3D printing", "password security", "spreadsheets",
     "the Python programming language", "sorting algorithms", "recursion", "databases", "version control",
+    "the Eiffel Tower", "volunteering", "the piano", "ancient Egypt", "the metric system", "lighthouses",
+    "coral reefs", "bicycles", "the Industrial Revolution", "fermentation", "wind turbines", "owls",
+    "the Silk Road", "mushrooms", "traffic lights", "the human brain", "airplanes", "composting", "knitting",
+    "the Moon", "opera", "vaccination schedules", "cryptography", "the periodic table", "rivers", "whales",
+    "board games", "the Cold War", "nutrition labels", "yoga", "submarines", "the Nile", "honey",
+    "probability", "skyscrapers", "the Mona Lisa", "first aid", "elephants", "trains", "the Arctic",
+    "credit scores", "podcasts", "libraries", "quantum computing", "the human skeleton", "pizza",
+    "the Declaration of Independence", "rock climbing", "tornadoes", "video games", "the Sahara",
+    "algebra", "smartphones", "minimalism", "castles", "octopuses", "the microscope", "pottery",
+    "mountains", "email etiquette", "cheese", "satellites", "the Vikings", "gardening", "rain",
+    "negotiation", "carbon dating", "hot air balloons", "linked lists", "unit testing", "spices",
+    "weather forecasting", "the Aztecs", "kindness", "solar eclipses", "rubber", "the Great Barrier Reef",
+    "the Panama Canal", "jellyfish",
 )
 _TEMPLATES = (
     "What is {t}?", "Explain {t} to a ten-year-old.", "Give me three facts about {t}.",
@@ -122,7 +136,6 @@ def generate_data(config: TrainConfig, model_dir: Path, feature_layers: tuple[in
     prompts = training_prompts()
     prompts = [prompts[i % len(prompts)] for i in range(config.num_prompts)]
     rng = torch.Generator().manual_seed(config.seed)
-    eos = _eos_ids(model)
     conversations: list[Conversation] = []
     bar = tqdm(total=len(prompts), desc="target writes", unit="prompt", disable=not show_progress)
     with torch.inference_mode():
@@ -132,25 +145,19 @@ def generate_data(config: TrainConfig, model_dir: Path, feature_layers: tuple[in
             encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(config.device)
             sampled = bool(torch.rand(1, generator=rng) < config.sampled_share)
             torch.manual_seed(config.seed + first)
+            # Past end-of-text too (eos_token_id=None: nothing stops a row, nothing is masked):
+            # the bench and Locust send ignore_eos, and what the target writes there is its own.
             out = model.generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=sampled,
                                  temperature=0.7 if sampled else None, top_p=None, top_k=None,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
             width = encoded["input_ids"].shape[1]
             for row in range(len(batch)):
                 prompt = encoded["input_ids"][row][encoded["attention_mask"][row].bool()]
-                continuation = out[row, width:]
-                stop = [i for i, t in enumerate(continuation.tolist()) if t in eos]
-                continuation = continuation[: stop[0] + 1] if stop else continuation
-                conversations.append(Conversation(torch.cat([prompt, continuation]).cpu(), len(prompt), None, None))
+                conversations.append(Conversation(torch.cat([prompt, out[row, width:]]).cpu(), len(prompt), None, None))
             _record_features(model, conversations[-len(batch):], feature_layers, config.device)
             bar.update(len(batch))
     bar.close()
     return conversations
-
-
-def _eos_ids(model) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
 def _record_features(model, conversations: list[Conversation], feature_layers, device: str) -> None:

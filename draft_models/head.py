@@ -249,17 +249,20 @@ class DraftHead(nn.Module):
 
     @torch.inference_mode()
     def draft(self, line: HeadLine, end: int, token_id: int, num_tokens: int,
-              sampling: SamplingParams) -> tuple[list[int], list[float]]:
-        """Guesses for the positions after end + 1, whose token is token_id
-        (the target's, verified), from the line up to `end` (its features and
-        the head's entries). Greedy requests get the argmax, seeded ones the
-        target's own Gumbel choice at each position (so that the guesses
-        match where the head is right). -> (target token ids, the head's
-        probability of each)."""
+              sampling: SamplingParams, floor: float = 0.0) -> tuple[list[int], list[float]]:
+        """Up to num_tokens guesses for the positions after end + 1, whose
+        token is token_id (the target's, verified), from the line up to `end`
+        (its features and the head's entries); fewer once the product of the
+        head's probabilities falls below floor. Greedy requests get the
+        argmax, seeded ones the target's own Gumbel choice at each position
+        (so that the guesses match where the head is right). -> (target token
+        ids, the head's probability of each)."""
         feature = self.fused(line.features[0, 0, end])
         keys, values = line.keys[:, :, :end + 1], line.values[:, :, :end + 1]
-        token, guesses, confidences = token_id, [], []
+        token, guesses, confidences, chance = token_id, [], [], 1.0
         for index in range(num_tokens):
+            if chance < floor:
+                break
             position = end + 1 + index
             x = self.inputs(feature, torch.tensor(token)).view(1, 1, -1)
             q, k, v = self.qkv(x, torch.tensor([position]))
@@ -277,6 +280,7 @@ class DraftHead(nn.Module):
                 confidence = float(probs[token])
             guesses.append(token)
             confidences.append(confidence)
+            chance *= confidence
         return guesses, confidences
 
 

@@ -367,6 +367,7 @@ class Coordinator:
             # A root run's outputs before its last verified token are known (a chunk's, all of them).
             logits_from=len(tip) if chunk is not None else max(0, len(tip) - 1),
             tail_guesses=0 if chunk is not None else self._tail_guesses(seq, start_pos + len(tip) + len(guesses)),
+            tail_floor=self._bars()[1] if self.tail_drafting else 0.0,
         )
         seq.launched[run.run_id] = Launched([None] * len(tip) + list(guesses), value,
                                             submitted_at=None if parent else self.clock())

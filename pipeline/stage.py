@@ -236,7 +236,7 @@ class Stage:
             while end + 1 < len(run.token_ids) and run.token_ids[end + 1] == tokens[end - first]:
                 end += 1
             result.guesses, result.guess_confidences = self.head.draft(
-                line, run.start_pos + end, tokens[end - first], run.tail_guesses, run.sampling)
+                line, run.start_pos + end, tokens[end - first], run.tail_guesses, run.sampling, run.tail_floor)
             result.guesses_start = run.start_pos + end + 2  # after the target's token at end + 1
             self.counters.draft_head_tokens += len(result.guesses)
         self.counters.draft_head_s += time.perf_counter() - started

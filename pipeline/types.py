@@ -42,6 +42,9 @@ class Run:
     # Guesses a draft head on the last stage adds to the result (tail drafting;
     # greedy and seeded requests), drafted from where verification will stop.
     tail_guesses: int = 0
+    # The head stops guessing once its own chance that all its guesses so far
+    # hold falls below this (a chain worth less is not launched anyway).
+    tail_floor: float = 0.0
 
     @property
     def end_pos(self) -> int:

@@ -116,6 +116,43 @@ def test_serving_drafts_what_training_unrolls(tiny_target, tiny_heads):
         assert guesses == [int(head.draft_vocab[logits[0, start].argmax()]) for logits, _ in steps], start
 
 
+def test_the_head_stops_where_its_chain_falls_below_the_floor(tiny_target, tiny_heads):
+    """Drafting stops once the product of the head's probabilities is under
+    the run's tail_floor: the same guesses, cut, on the stage as in the head."""
+    head_dir = tiny_heads["llama"]
+    head = DraftHead.load(head_dir, tiny_target)
+    text = [5, 17, 33, 5, 17, 60, 2]
+    line = HeadLine()
+    head.extend(line, 0, reference_features(tiny_target, text[:-1], head.config.feature_layers), text[:-1])
+    guesses, confidences = head.draft(line, len(text) - 2, text[-1], 6, SamplingParams())
+    assert len(guesses) == 6 and max(confidences[1:]) < 1.0
+    for cut in (1, 2, 4):
+        floor = float(torch.tensor(confidences[:cut]).prod()) * 1.0001  # just above the chance after `cut` guesses
+        assert head.draft(line, len(text) - 2, text[-1], 6, SamplingParams(), floor)[0] == guesses[:cut]
+    plans = tuple(dataclasses.replace(p, draft_head=str(head_dir)) for p in balanced_plans(tiny_target, 1))
+    stage = Stage.load(tiny_target, plans, 0, "float32")
+    floor = float(torch.tensor(confidences[:2]).prod()) * 1.0001
+    run = Run(0, 0, None, 0, tuple(text), False, SamplingParams(), logits_from=len(text) - 1, tail_guesses=6,
+              tail_floor=floor)
+    out = stage.process(run, None)
+    assert out.guesses_start == len(text) + 1
+    line = HeadLine()
+    head.extend(line, 0, reference_features(tiny_target, text, head.config.feature_layers), text)
+    expected, _ = head.draft(line, len(text) - 1, out.target_token_ids[0], 6, SamplingParams(), floor)
+    assert out.guesses == expected
+
+
+def test_the_coordinator_asks_the_head_to_stop_where_a_guess_would_not_be_launched(tiny_target, tiny_heads):
+    prompt = (9, 8, 7, 9, 8)
+    with load_engine(tiny_target, f"head:{tiny_heads['llama']}", 2, Mode.PIPEINFER) as engine:
+        runs, submit = [], engine.transport.submit
+        engine.transport.submit = lambda run: (runs.append(run), submit(run))[1]
+        got = engine.complete(GenerationRequest(prompt, 12))
+    assert got.token_ids == greedy_reference(tiny_target, list(prompt), 12)
+    asked = [run for run in runs if run.tail_guesses]
+    assert asked and all(0.0 < run.tail_floor < 1.0 for run in asked)
+
+
 def test_no_tail_guesses_in_ar_mode_or_for_unseeded_sampling(tiny_target, tiny_heads):
     prompt = (9, 8, 7, 9, 8)
     with load_engine(tiny_target, f"head:{tiny_heads['llama']}", 2, Mode.SYNC) as engine:
@@ -160,6 +197,29 @@ def test_train_draft_end_to_end_resumes_and_serves(tiny_text_model, tmp_path):
         with load_engine(tiny_text_model, f"head:{out}", 2, mode, min_accept_prob=0.0) as engine:
             got = engine.complete(GenerationRequest(tuple(prompt), 16))
         assert got.token_ids == greedy_reference(tiny_text_model, prompt, 16), mode
+
+
+def test_training_answers_run_past_end_of_text(tiny_text_model, tmp_path):
+    """The bench and Locust send ignore_eos: the target's text after its
+    end-of-text token is training data too (generation neither stops there
+    nor masks it), and each answer is the target's own greedy text."""
+    import shutil
+
+    from draft_models.distill import TrainConfig, generate_data, training_prompts
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_text_model, model)
+    probe = generate_data(TrainConfig(num_prompts=1, max_new_tokens=8, sampled_share=0.0), model, (1,), False)[0]
+    first = int(probe.token_ids[probe.prompt_len])  # make the target's first answer token its end-of-text
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": first}))
+    data = generate_data(TrainConfig(num_prompts=2, max_new_tokens=8, sampled_share=0.0), model, (1, 2), False)
+    for conversation in data:
+        answer = conversation.token_ids[conversation.prompt_len:].tolist()
+        assert len(answer) == 8 and conversation.features.shape == (len(conversation.token_ids), 2 * 64)
+        assert answer == greedy_reference(model, conversation.token_ids[:conversation.prompt_len].tolist(), 8)
+    assert data[0].token_ids.tolist() == probe.token_ids.tolist() and first in data[0].token_ids[probe.prompt_len:]
+    assert len(training_prompts()) >= 2000
 
 
 @pytest.mark.slow
