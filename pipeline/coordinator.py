@@ -356,6 +356,7 @@ class Coordinator:
         parent = seq.chain[-1] if seq.chain else None
         start_pos = parent.end_pos if parent else seq.committed_len
         tip = [] if parent else seq.token_ids[seq.committed_len:][:chunk]
+        tail = 0 if chunk is not None else self._tail_guesses(seq, start_pos + len(tip) + len(guesses))
         run = Run(
             run_id=next(self._run_ids),
             seq_id=seq.seq_id,
@@ -366,8 +367,8 @@ class Coordinator:
             sampling=seq.request.sampling,
             # A root run's outputs before its last verified token are known (a chunk's, all of them).
             logits_from=len(tip) if chunk is not None else max(0, len(tip) - 1),
-            tail_guesses=0 if chunk is not None else self._tail_guesses(seq, start_pos + len(tip) + len(guesses)),
-            tail_floor=self._bars()[1] if self.tail_drafting else 0.0,
+            tail_guesses=tail,
+            tail_floor=self._bars()[1] if tail else 0.0,
         )
         seq.launched[run.run_id] = Launched([None] * len(tip) + list(guesses), value,
                                             submitted_at=None if parent else self.clock())
