@@ -10,6 +10,7 @@ and the arithmetic is the same whatever the split.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
@@ -83,12 +84,8 @@ class StageModel(nn.Module):
         weights stream at the machine's memory bandwidth: measured here,
         the 30 layers of the default model in 10 ms against 27 ms unpacked.
         Not for a model that is quantized afterwards (it looks for nn.Linear)."""
-        if not can_pack(self.dtype) or self.device.type != "cpu":
-            return self
-        for parent in list(self.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, PackedLinear(child))
+        if can_pack(self.dtype) and self.device.type == "cpu":
+            pack_linears(self)
         return self
 
     @classmethod
@@ -244,7 +241,28 @@ class StageModel(nn.Module):
 
 
 def can_pack(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+    """oneDNN packs float32 weights on any x86 CPU; bfloat16 ones only where
+    the CPU computes in it (AVX-512 BF16 or AVX-NE-CONVERT: not an AVX2-only one)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def int8_linears(module: nn.Module) -> nn.Module:
+    """Every nn.Linear inside module quantized to int8, in place (dynamic:
+    int8 weights, each input quantized per call, fbgemm's kernels): a
+    quarter of the bytes to read, for a draft whose guesses the target checks."""
+    with warnings.catch_warnings():  # torch.ao is deprecated in favour of torchao, but still works here
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def pack_linears(module: nn.Module) -> None:
+    """Every nn.Linear inside module (a tied head too) swapped for its PackedLinear, in place."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, PackedLinear(child))
 
 
 class PackedLinear(nn.Module):
