@@ -245,6 +245,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=defaults.depth, help="draft steps unrolled per position")
     parser.add_argument("--draft-vocab", type=int, default=defaults.draft_vocab,
                         help="tokens the head predicts (those the target writes most)")
+    parser.add_argument("--soft-weight", type=float, default=defaults.soft_weight,
+                        help="share of the loss on the target's top tokens (soft labels) beside its greedy token")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every,
                         help="steps between held-out measurements and checkpoints")
@@ -261,12 +263,13 @@ def _train_draft(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = TrainConfig(model=args.model, out_dir=args.out, num_prompts=args.num_prompts,
                          max_new_tokens=args.max_new_tokens, sampled_share=args.sampled_share, steps=args.steps,
-                         batch=args.batch, depth=args.depth, draft_vocab=args.draft_vocab, lr=args.lr,
+                         batch=args.batch, depth=args.depth, draft_vocab=args.draft_vocab, soft_weight=args.soft_weight, lr=args.lr,
                          eval_every=args.eval_every, seed=args.seed, device=str(torch_device(device)))
     summary = train(config)
     accepted = " ".join(f"{a:.2f}" for a in summary["acceptance_by_depth"])
     print(f"head in {args.out}: {summary['head_params'] / 1e6:.1f} M parameters; held-out acceptance by depth "
-          f"{accepted} (mean accepted length {summary['mean_accepted_len']}); {summary['seconds_this_run']} s; "
+          f"{accepted} (mean accepted length {summary['mean_accepted_len']} from any position, "
+          f"{summary['sync_loop_accepted_len']:.2f} in sync's loop); {summary['seconds_this_run']} s; "
           f"use it with --draft head:{args.out}")
     return 0
 

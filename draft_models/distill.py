@@ -1,18 +1,20 @@
 """`pipeinfer train-draft`: a draft head trained by self-distillation.
 
 1. The target writes: its greedy (and some sampled) continuations of a
-   prompt set, in batches (Hugging Face generate on the same weights), each
-   max_new_tokens long, past end-of-text too.
-2. One teacher-forced pass over each conversation records the target's
-   hidden states at the head's feature layers, at every position.
+   prompt set, each max_new_tokens long, past end-of-text too; a batch of
+   answers at a time, in one forward per step through the stages' own
+   compute (compute/stage_model.py).
+2. While it writes, its hidden states at the head's feature layers are
+   recorded at every position, and its likeliest next tokens with their
+   log-probabilities wherever a label is needed.
 3. The head learns to predict the target's next-next token from (the
    features, the next token), unrolled `depth` steps on its own outputs as
    it drafts (EAGLE-3's training-time test), over the reduced vocabulary.
 
-Everything lands in the output directory: data.pt (the generated data,
-reused on a rerun), checkpoint.pt (resumed from), head.json +
-head.safetensors (the head), training.png (loss, and acceptance at each
-draft depth on held-out conversations) and history.json.
+Everything lands in the output directory: data/ (the generated data, a
+file per part; reused, and resumed, on a rerun), checkpoint.pt (resumed
+from), head.json + head.safetensors (the head), training.png (loss, and
+acceptance at each draft depth on held-out conversations) and history.json.
 """
 
 from __future__ import annotations
@@ -30,12 +32,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from compute.model_source import resolve_model
+from compute.line_kv import DraftKV
+from compute.model_source import load_config, resolve_model
+from compute.stage_model import StageModel
+from compute.threads import on_passing_thread
 from draft_models.head import DraftHead, HeadConfig, target_embedding
 
 log = logging.getLogger(__name__)
 
-DATA_FILE = "data.pt"
+DATA_DIR = "data"  # the generated data, a part file per SHARD_PROMPTS prompts
+SHARD_PROMPTS = 512
+SAMPLED_TEMPERATURE = 0.7  # of the answers sampled rather than greedy
+SOFT_TOP_K = 8
 CHECKPOINT_FILE = "checkpoint.pt"
 PLOT_FILE = "training.png"
 HISTORY_FILE = "history.json"
@@ -45,14 +53,15 @@ HISTORY_FILE = "history.json"
 class TrainConfig:
     model: str = "default"
     out_dir: Path = Path("head")
-    num_prompts: int = 2496  # the project's prompt set (training_prompts), all of it; a tenth held out
+    num_prompts: int = 6144  # the project's prompt set (training_prompts), all of it; a tenth held out
     max_new_tokens: int = 128
-    sampled_share: float = 0.25  # continuations sampled at temperature 0.7 instead of greedy
-    gen_batch: int = 16
+    sampled_share: float = 0.25  # batches of continuations sampled (SAMPLED_TEMPERATURE) instead of greedy
+    gen_batch: int = 64  # answers generated together, in one forward per step
     steps: int = 1200
     batch: int = 8  # conversations per step (every position of each)
     depth: int = 4  # draft steps unrolled in training (and measured)
     draft_vocab: int = 8192
+    soft_weight: float = 0.5  # of the loss on the target's top tokens (soft labels), beside its greedy token
     lr: float = 1e-3
     eval_every: int = 100
     seed: int = 0
@@ -63,6 +72,8 @@ class TrainConfig:
             raise ValueError("--num-prompts >= 2, --max-new-tokens >= 4, --steps >= 1 and --batch >= 1")
         if not 1 <= self.depth <= 16 or self.draft_vocab < 2 or not 0 <= self.sampled_share <= 1:
             raise ValueError("--depth in 1..16, --draft-vocab >= 2, sampled share in [0, 1]")
+        if not 0 <= self.soft_weight <= 1:
+            raise ValueError("--soft-weight in [0, 1]")
 
 
 # ---- prompts -------------------------------------------------------------
@@ -78,7 +89,7 @@ _TOPICS = (
     "penguins", "the Olympic Games", "vitamins", "renewable energy", "social media", "the Renaissance",
     "electricity", "magnets", "the ocean", "deserts", "friendship", "job interviews", "writing a resume",
     "camping", "photography", "the violin", "origami", "sushi", "tea ceremonies", "the Amazon rainforest",
-    "glaciers", "hurricanes", "black holes", "batteries", "3D printing", "password security", "spreadsheets",
+    "glaciers", "hurricanes", "batteries", "3D printing", "password security", "spreadsheets",
     "the Python programming language", "sorting algorithms", "recursion", "databases", "version control",
     "the Eiffel Tower", "volunteering", "the piano", "ancient Egypt", "the metric system", "lighthouses",
     "coral reefs", "bicycles", "the Industrial Revolution", "fermentation", "wind turbines", "owls",
@@ -93,6 +104,22 @@ _TOPICS = (
     "negotiation", "carbon dating", "hot air balloons", "linked lists", "unit testing", "spices",
     "weather forecasting", "the Aztecs", "kindness", "solar eclipses", "rubber", "the Great Barrier Reef",
     "the Panama Canal", "jellyfish",
+    "atoms", "cells", "evolution", "the speed of light", "sound waves", "the Big Bang", "comets", "ocean currents",
+    "the nitrogen cycle", "plate tectonics", "viruses", "bacteria", "the human eye", "muscles", "blood types",
+    "genetics", "microplastics", "nuclear energy", "static electricity", "friction", "the greenhouse effect",
+    "clouds", "snowflakes", "lightning", "the Mars rovers", "the International Space Station", "telescopes",
+    "fossils", "ants", "JavaScript", "HTML", "the Linux terminal", "open source software",
+    "artificial intelligence", "self-driving cars", "blockchain", "computer viruses", "data privacy", "Wi-Fi",
+    "GPS", "search engines", "robots", "virtual reality", "binary numbers", "hash tables", "APIs",
+    "regular expressions", "operating systems", "keyboard shortcuts", "cooking pasta", "doing laundry",
+    "saving money", "moving to a new city", "learning to swim", "making new friends", "writing a thank-you note",
+    "planning a road trip", "packing for a trip", "caring for a cat", "grocery shopping", "drinking enough water",
+    "stretching", "reading more books", "keeping a journal", "saying no politely", "small talk",
+    "working in a team", "Shakespeare", "Greek mythology", "the Titanic", "samurai", "the Maya civilization",
+    "the Beatles", "ballet", "comic books", "Impressionist painting", "the Statue of Liberty", "the Taj Mahal",
+    "Chinese New Year", "sign language", "maps", "museums", "taxes", "supply and demand", "small businesses",
+    "public transport", "voting", "charity", "tourism", "advertising", "online shopping", "insurance", "sunflowers",
+    "frogs", "wolves", "butterflies", "cacti", "bamboo", "sharks", "dolphins", "migrating birds",
 )
 _TEMPLATES = (
     "What is {t}?", "Explain {t} to a ten-year-old.", "Give me three facts about {t}.",
@@ -102,6 +129,10 @@ _TEMPLATES = (
     "What is a common misconception about {t}?", "Describe {t} in one sentence, then in detail.",
     "What should everyone know about {t}?", "Compare {t} with something from everyday life.",
     "Tell me a fun story that involves {t}.", "What are the main ideas behind {t}?",
+    "How do I get started with {t}?", "Give me a few practical tips related to {t}.",
+    "Explain how {t} works, step by step.", "Write a limerick about {t}.",
+    "What are some surprising facts about {t}?", "Write a short dialogue between two friends talking about {t}.",
+    "What are the biggest challenges related to {t}?", "Suggest a title for a blog post about {t}, and explain it.",
 )
 
 
@@ -117,63 +148,110 @@ def training_prompts() -> list[list[dict[str, str]]]:
 
 @dataclass
 class Conversation:
+    """One answer of the target, with what training reads at each position
+    (the labels from the prompt's last position on: the answer is learnt)."""
+
     token_ids: torch.Tensor  # [T] prompt + continuation
     prompt_len: int
-    features: torch.Tensor | None  # [T, len(feature_layers) * hidden], float16
-    next_ids: torch.Tensor | None  # [T] the target's greedy token after each position (the labels)
+    features: torch.Tensor  # [T, len(feature_layers) * hidden], float16
+    next_ids: torch.Tensor  # [T] the target's greedy token after each position (the labels)
+    # The target's SOFT_TOP_K likeliest next tokens there and their log-probabilities
+    # (soft labels: what the target thinks besides its argmax teaches the head more per position).
+    top_ids: torch.Tensor | None = None  # [T, SOFT_TOP_K] int32
+    top_logprobs: torch.Tensor | None = None  # [T, SOFT_TOP_K] float16
 
 
 def generate_data(config: TrainConfig, model_dir: Path, feature_layers: tuple[int, ...],
-                  show_progress: bool = True) -> list[Conversation]:
-    """The target's continuations of the prompts, with its hidden states at the feature layers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+                  show_progress: bool = True, data_dir: Path | None = None) -> list[Conversation]:
+    """The target's continuations of the prompts, with its hidden states at
+    the feature layers. With data_dir, written there a part (SHARD_PROMPTS
+    prompts) at a time, and the parts already there are read instead of
+    generated: an interrupted run resumes at the part it was writing. Each
+    batch draws from its own seed, so that resuming changes nothing."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(config.device).eval()
+    model = None  # loaded for the first part to generate
     prompts = training_prompts()
     prompts = [prompts[i % len(prompts)] for i in range(config.num_prompts)]
-    rng = torch.Generator().manual_seed(config.seed)
+    key = {**_data_key(config), "feature_layers": list(feature_layers)}
     conversations: list[Conversation] = []
     bar = tqdm(total=len(prompts), desc="target writes", unit="prompt", disable=not show_progress)
-    with torch.inference_mode():
-        for first in range(0, len(prompts), config.gen_batch):
-            batch = prompts[first:first + config.gen_batch]
-            texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in batch]
-            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(config.device)
-            sampled = bool(torch.rand(1, generator=rng) < config.sampled_share)
-            torch.manual_seed(config.seed + first)
-            # Past end-of-text too (eos_token_id=None: nothing stops a row, nothing is masked):
-            # the bench and Locust send ignore_eos, and what the target writes there is its own.
-            out = model.generate(**encoded, max_new_tokens=config.max_new_tokens, do_sample=sampled,
-                                 temperature=0.7 if sampled else None, top_p=None, top_k=None,
-                                 eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-            width = encoded["input_ids"].shape[1]
-            for row in range(len(batch)):
-                prompt = encoded["input_ids"][row][encoded["attention_mask"][row].bool()]
-                conversations.append(Conversation(torch.cat([prompt, out[row, width:]]).cpu(), len(prompt), None, None))
-            _record_features(model, conversations[-len(batch):], feature_layers, config.device)
+    for part, first_prompt in enumerate(range(0, len(prompts), SHARD_PROMPTS)):
+        shard = None if data_dir is None else data_dir / f"part-{part:04d}.pt"
+        if shard is not None and shard.exists():
+            saved = torch.load(shard, weights_only=False)
+            if saved["key"] != key:
+                raise ValueError(f"{shard} was generated with other settings ({saved['key']}); "
+                                 "use a new --out or delete its data")
+            conversations += saved["conversations"]
+            bar.update(len(saved["conversations"]))
+            continue
+        if model is None:
+            model = on_passing_thread(lambda: StageModel.load(
+                model_dir, 0, load_config(model_dir).num_hidden_layers, with_embed=True, with_head=True,
+                device=torch.device(config.device)).pack_weights())
+        written: list[Conversation] = []
+        for first in range(first_prompt, min(first_prompt + SHARD_PROMPTS, len(prompts)), config.gen_batch):
+            batch = prompts[first:min(first + config.gen_batch, first_prompt + SHARD_PROMPTS, len(prompts))]
+            token_ids = [tokenizer(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                                   add_special_tokens=False)["input_ids"] for m in batch]
+            written += _generate_batch(config, model, token_ids, first, feature_layers)
             bar.update(len(batch))
+        if shard is not None:
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": key, "conversations": written}, shard.with_suffix(".tmp"))
+            shard.with_suffix(".tmp").replace(shard)  # a part is there whole or not at all
+        conversations += written
     bar.close()
     return conversations
 
 
-def _record_features(model, conversations: list[Conversation], feature_layers, device: str) -> None:
-    """One teacher-forced pass, right-padded (pads come after every real token,
-    which the causal mask keeps out), over the batch's conversations."""
-    width = max(len(c.token_ids) for c in conversations)
-    ids = torch.zeros(len(conversations), width, dtype=torch.long)
-    for row, c in enumerate(conversations):
-        ids[row, :len(c.token_ids)] = c.token_ids
-    out = model(ids.to(device), output_hidden_states=True)
-    hidden = out.hidden_states  # [0]: the embeddings; [l + 1]: layer l's output
-    stacked = torch.cat([hidden[layer + 1] for layer in feature_layers], dim=-1).to("cpu", torch.float16)
-    greedy = out.logits.argmax(-1).cpu()
-    for row, c in enumerate(conversations):
-        c.features = stacked[row, :len(c.token_ids)].clone()
-        c.next_ids = greedy[row, :len(c.token_ids)].clone()
+@torch.inference_mode()
+def _generate_batch(config: TrainConfig, model: StageModel, prompts: list[list[int]], first: int,
+                    feature_layers: tuple[int, ...]) -> list[Conversation]:
+    """The prompts' continuations, all in one forward per step (the stages'
+    own batched compute: every weight read once for all of them, attention
+    per sequence on its own KV, no padding), recording at every position
+    the features, and the target's top tokens where a label is needed.
+    Past end-of-text too (nothing stops a row): the bench and Locust send
+    ignore_eos, and what the target writes there is its own."""
+    sampled = random.Random(config.seed * 1_000_003 + first).random() < config.sampled_share
+    generator = torch.Generator().manual_seed(config.seed + first)
+    width = model.config.hidden_size
+    kvs = [DraftKV(model.num_layers) for _ in prompts]
+    token_ids = [list(p) for p in prompts]
+    features: list[list[torch.Tensor]] = [[] for _ in prompts]
+    tops: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in prompts]
+    hiddens = [model.embed(p) for p in prompts]
+    for step in range(config.max_new_tokens + 1):  # the last forward only records the last token's outputs
+        outs = model.forward_batch(hiddens, kvs, capture=feature_layers)  # each [1, n, H + F]
+        for kv, hidden, out, row in zip(kvs, hiddens, outs, features):
+            kv.advance(hidden.shape[1])
+            row.append(out[0, :, width:].to(torch.float16))
+        logits = model.logits(torch.cat([out[:, -1:, :width] for out in outs], dim=1))  # [B, vocab]
+        top = torch.log_softmax(logits, -1).topk(SOFT_TOP_K, dim=-1)  # sorted: [:, 0] is the argmax
+        for row, ids, logprobs in zip(tops, top.indices, top.values):
+            row.append((ids.to(torch.int32), logprobs.to(torch.float16)))
+        if step == config.max_new_tokens:
+            break
+        if sampled:
+            chosen = torch.multinomial(torch.softmax(logits / SAMPLED_TEMPERATURE, -1), 1, generator=generator)[:, 0]
+        else:
+            chosen = top.indices[:, 0]
+        for ids, token in zip(token_ids, chosen.tolist()):
+            ids.append(token)
+        hiddens = [model.embed([token]) for token in chosen.tolist()]
+    conversations = []
+    for prompt, ids, row, top_row in zip(prompts, token_ids, features, tops):
+        n, labelled = len(ids), len(ids) - len(prompt) + 1  # labels from the prompt's last position on
+        top_ids = torch.zeros(n, SOFT_TOP_K, dtype=torch.int32)
+        top_logprobs = torch.zeros(n, SOFT_TOP_K, dtype=torch.float16)
+        top_ids[n - labelled:] = torch.stack([i for i, _ in top_row])
+        top_logprobs[n - labelled:] = torch.stack([v for _, v in top_row])
+        conversations.append(Conversation(torch.tensor(ids), len(prompt), torch.cat(row), top_ids[:, 0].long(),
+                                          top_ids, top_logprobs))
+    return conversations
 
 
 def draft_vocabulary(conversations: list[Conversation], size: int, vocab_size: int) -> tuple[int, ...]:
@@ -196,33 +274,49 @@ class Batch:
     features: torch.Tensor  # [B, T, F] the target's features per position
     token_ids: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T] draft index of the target's greedy token after each position; -100: none
+    soft_ids: torch.Tensor  # [B, T, K] draft indices of the target's top tokens there (0 where soft_probs is 0)
+    soft_probs: torch.Tensor  # [B, T, K] their probabilities, renormalised over those in the draft vocabulary
 
     @classmethod
     def of(cls, conversations: list[Conversation], to_draft: torch.Tensor) -> Batch:
         width = max(len(c.token_ids) for c in conversations)
-        features = torch.zeros(len(conversations), width, conversations[0].features.shape[-1])
-        token_ids = torch.zeros(len(conversations), width, dtype=torch.long)
-        labels = torch.full((len(conversations), width), -100, dtype=torch.long)
+        size, k = len(conversations), SOFT_TOP_K
+        features = torch.zeros(size, width, conversations[0].features.shape[-1])
+        token_ids = torch.zeros(size, width, dtype=torch.long)
+        labels = torch.full((size, width), -100, dtype=torch.long)
+        soft_ids, soft_probs = torch.zeros(size, width, k, dtype=torch.long), torch.zeros(size, width, k)
         for row, c in enumerate(conversations):
-            n = len(c.token_ids)
+            n, first = len(c.token_ids), c.prompt_len - 1  # only the answer is learnt: from the prompt's last position on
             features[row, :n], token_ids[row, :n] = c.features.float(), c.token_ids
-            # Only the answer is learnt: from the prompt's last position on.
-            labels[row, c.prompt_len - 1:n] = to_draft[c.next_ids[c.prompt_len - 1:n]]
-        return cls(features, token_ids, labels)
+            labels[row, first:n] = to_draft[c.next_ids[first:n]]
+            if c.top_ids is not None:
+                ids = to_draft[c.top_ids[first:n].long()]  # -100: not in the draft vocabulary
+                probs = c.top_logprobs[first:n].float().exp() * (ids >= 0)
+                soft_ids[row, first:n] = ids.clamp(min=0)
+                soft_probs[row, first:n] = probs / probs.sum(-1, keepdim=True).clamp(min=1e-9)
+        return cls(features, token_ids, labels, soft_ids, soft_probs)
 
     def to(self, device: str) -> Batch:
-        return Batch(self.features.to(device), self.token_ids.to(device), self.labels.to(device))
+        return Batch(*(t.to(device) for t in (self.features, self.token_ids, self.labels, self.soft_ids,
+                                              self.soft_probs)))
+
+    def shifted(self, shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The labels for step shift + 1 from each position: those `shift` positions on."""
+        def pad(t: torch.Tensor, value) -> torch.Tensor:
+            return torch.cat([t[:, shift:], t.new_full((t.shape[0], shift, *t.shape[2:]), value)], 1)
+        return pad(self.labels, -100), pad(self.soft_ids, 0), pad(self.soft_probs, 0.0)
 
 
-def unrolled(head: DraftHead, batch: Batch, depth: int, teacher: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def unrolled(head: DraftHead, batch: Batch, depth: int, teacher: bool = True) -> list[torch.Tensor]:
     """The head over whole conversations, then `depth - 1` more steps from
     every position on its own outputs, as it drafts (EAGLE-3's training-time
     test). Step 1 at entry a is the ordinary entry (features of a - 1,
     token a); step i >= 2 from a sits at position a + i - 1, reads the
     previous step's output and token a + i - 1 (the text's, or with
     teacher=False the previous step's guess), and attends to the entries up
-    to a and to its own earlier steps from a.
-    -> per step, (draft-vocabulary logits [B, T, V], labels [B, T])."""
+    to a and to its own earlier steps from a. Step i's labels are
+    batch.shifted(i - 1).
+    -> per step, what head.logits() reads [B, T, H]."""
     c = head.config
     size, width = batch.token_ids.shape
     positions = torch.arange(width, device=batch.token_ids.device)
@@ -230,8 +324,8 @@ def unrolled(head: DraftHead, batch: Batch, depth: int, teacher: bool = True) ->
     x = head.inputs(head.fused(previous), batch.token_ids)
     q, k, v = head.qkv(x, positions)
     attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    out, logits = head.finish(x, attn)
-    steps = [(logits, batch.labels)]
+    out, normed = head.finish(x, attn)
+    steps = [normed]
     group = c.num_heads // c.num_kv_heads
     base_k, base_v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [B, heads, T, d]
     causal = torch.ones(width, width, dtype=torch.bool, device=positions.device).tril()
@@ -241,7 +335,7 @@ def unrolled(head: DraftHead, batch: Batch, depth: int, teacher: bool = True) ->
         if teacher:
             tokens = F.pad(batch.token_ids[:, shift:], (0, shift))
         else:
-            tokens = head.draft_vocab[steps[-1][0].argmax(-1)]
+            tokens = head.draft_vocab[head.logits(steps[-1]).argmax(-1)]
         x = head.inputs(out, tokens)
         q, k, v = head.qkv(x, positions + shift)
         own_k.append(k.repeat_interleave(group, 1))
@@ -253,35 +347,67 @@ def unrolled(head: DraftHead, batch: Batch, depth: int, teacher: bool = True) ->
         weights = torch.softmax(torch.cat([scores, diagonal], -1), -1)
         attn = weights[..., :width] @ base_v + sum(weights[..., width + m:width + m + 1] * value
                                                    for m, value in enumerate(own_v))
-        out, logits = head.finish(x, attn)
-        steps.append((logits, F.pad(batch.labels[:, shift:], (0, shift), value=-100)))
+        out, normed = head.finish(x, attn)
+        steps.append(normed)
     return steps
 
 
-def unrolled_loss(head: DraftHead, batch: Batch, depth: int) -> torch.Tensor:
-    """Cross-entropy of every step at every position, over the labelled ones."""
-    steps = unrolled(head, batch, depth)
-    total = sum(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-                for logits, labels in steps)
-    return total / sum((labels != -100).sum() for _, labels in steps).clamp(min=1)
+def unrolled_loss(head: DraftHead, batch: Batch, depth: int, soft_weight: float) -> torch.Tensor:
+    """Per labelled position of every step: (1 - soft_weight) x the
+    cross-entropy of the target's greedy token + soft_weight x that of its
+    top tokens, weighted by the target's probabilities (what the target
+    thinks besides its argmax). Logits only where there are labels."""
+    total, count = 0.0, 0
+    for shift, normed in enumerate(unrolled(head, batch, depth)):
+        labels, soft_ids, soft_probs = batch.shifted(shift)
+        where = labels != -100
+        logprobs = torch.log_softmax(head.logits(normed[where]), -1)  # [labelled, draft vocab]
+        hard = -logprobs.gather(-1, labels[where, None])[:, 0]
+        soft = -(logprobs.gather(-1, soft_ids[where]) * soft_probs[where]).sum(-1)
+        total = total + ((1 - soft_weight) * hard + soft_weight * soft).sum()
+        count += int(where.sum())
+    return total / max(1, count)
 
 
 @torch.inference_mode()
 def acceptance_by_depth(head: DraftHead, conversations: list[Conversation], to_draft: torch.Tensor, depth: int,
-                        device: str = "cpu") -> list[float]:
+                        device: str = "cpu") -> tuple[list[float], float]:
     """Greedy drafting from every answer position of held-out conversations,
-    each step on the head's own guess: [share of positions whose first d
-    guesses are all the target's tokens, for d = 1..depth] (mean accepted
-    length = 1 + their sum)."""
-    hits, starts = torch.zeros(depth), 0
+    each step on the head's own guess. -> ([share of positions whose first d
+    guesses are all the target's tokens, for d = 1..depth] (the mean
+    accepted length from any position is 1 + their sum), and the mean
+    accepted length where sync mode's loop drafts: from the first answer
+    position, then from the position after each verification's last token;
+    those follow a wrong guess more often, and are harder)."""
+    hits, starts, loop_tokens, loop_steps = torch.zeros(depth), 0, 0, 0
     for first in range(0, len(conversations), 8):
-        batch = Batch.of(conversations[first:first + 8], to_draft).to(device)
+        group = conversations[first:first + 8]
+        batch = Batch.of(group, to_draft).to(device)
         alive = batch.labels != -100
         starts += int(alive.sum())
-        for d, (logits, labels) in enumerate(unrolled(head, batch, depth, teacher=False)):
-            alive &= logits.argmax(-1) == labels
-            hits[d] += alive.sum().cpu()
-    return (hits / max(1, starts)).tolist()
+        accepted = torch.zeros_like(batch.labels)  # guesses accepted drafting from each position
+        for shift, normed in enumerate(unrolled(head, batch, depth, teacher=False)):
+            labels = batch.shifted(shift)[0]
+            alive &= head.draft_vocab[head.logits(normed).argmax(-1)] == head.draft_vocab[labels.clamp(min=0)]
+            alive &= labels != -100
+            hits[shift] += alive.sum().cpu()
+            accepted += alive
+        for row, c in enumerate(group):  # from the first answer token (the prompt's own run gave it)
+            tokens, steps = sync_loop(accepted[row].tolist(), c.prompt_len, len(c.token_ids))
+            loop_tokens, loop_steps = loop_tokens + tokens, loop_steps + steps
+    return (hits / max(1, starts)).tolist(), loop_tokens / max(1, loop_steps)
+
+
+def sync_loop(accepted: list[int], start: int, end: int) -> tuple[int, int]:
+    """Sync mode's loop over one text: drafting from `start`, each
+    verification yields the guesses accepted from there (accepted[p]) and
+    then the target's own token, and the next drafts from after it, until
+    `end`. -> (tokens, verifications)."""
+    position, tokens, steps = start, 0, 0
+    while position < end:
+        gained = accepted[position] + 1
+        position, tokens, steps = position + gained, tokens + gained, steps + 1
+    return tokens, steps
 
 
 def train(config: TrainConfig, show_progress: bool = True) -> dict:
@@ -294,17 +420,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     torch.manual_seed(config.seed)
     shape = HeadConfig.for_target(model_dir, ())
     started = time.monotonic()
-    data_file = out / DATA_FILE
-    if data_file.exists():
-        saved = torch.load(data_file, weights_only=False)
-        if saved["config"] != _data_key(config):
-            raise ValueError(f"{data_file} was generated with other settings ({saved['config']}); "
-                             "use a new --out or delete it")
-        conversations = saved["conversations"]
-        log.info("reusing the generated data in %s", data_file)
-    else:
-        conversations = generate_data(config, model_dir, shape.feature_layers, show_progress)
-        torch.save({"config": _data_key(config), "conversations": conversations}, data_file)
+    conversations = generate_data(config, model_dir, shape.feature_layers, show_progress, out / DATA_DIR)
     held = max(1, len(conversations) // 10)
     train_set, held_out = conversations[held:], conversations[:held]
     head_config = HeadConfig(**{**asdict(shape), "draft_vocab": draft_vocabulary(
@@ -332,7 +448,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = _lr(config, step)
         batch = Batch.of(rng.sample(train_set, min(config.batch, len(train_set))), to_draft).to(config.device)
-        loss = unrolled_loss(head, batch, config.depth)
+        loss = unrolled_loss(head, batch, config.depth, config.soft_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -343,8 +459,8 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
         bar.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
         if step % config.eval_every == 0 or step == config.steps:
             head.eval()
-            accepted = acceptance_by_depth(head, held_out, to_draft, config.depth, config.device)
-            history["eval"].append([step, [round(a, 4) for a in accepted]])
+            accepted, in_loop = acceptance_by_depth(head, held_out, to_draft, config.depth, config.device)
+            history["eval"].append([step, [round(a, 4) for a in accepted], round(in_loop, 4)])
             head.train()
             torch.save({"config": _train_key(config), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                         "step": step, "history": history}, checkpoint)
@@ -352,12 +468,13 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
             plot_history(history, out / PLOT_FILE)
     bar.close()
     head.eval()
-    acceptance = history["eval"][-1][1]
+    _, acceptance, in_loop = history["eval"][-1]
     summary = {
         "steps": step, "train_positions": positions[0], "held_out_positions": positions[1],
         "acceptance_by_depth": acceptance, "mean_accepted_len": round(1 + sum(acceptance), 3),
+        "sync_loop_accepted_len": in_loop,
         "head_params": head.num_shipped_params(), "head_macs_per_token": head.macs_per_token(),
-        "seconds_this_run": round(time.monotonic() - started, 1), "files": [DATA_FILE, CHECKPOINT_FILE,
+        "seconds_this_run": round(time.monotonic() - started, 1), "files": [DATA_DIR, CHECKPOINT_FILE,
                                                                            "head.json", "head.safetensors", PLOT_FILE],
     }
     history["summary"] = summary
@@ -398,11 +515,12 @@ def plot_history(history: dict, path: Path) -> None:
     left.set(xlabel="step", ylabel="unrolled cross-entropy", title="training loss")
     left.legend()
     if history["eval"]:
-        eval_steps = [s for s, _ in history["eval"]]
+        eval_steps = [s for s, *_ in history["eval"]]
         for d in range(len(history["eval"][0][1])):
-            right.plot(eval_steps, [acc[d] for _, acc in history["eval"]], marker="o", label=f"depth {d + 1}")
-        last = history["eval"][-1][1]
-        right.set_title(f"held-out acceptance (mean accepted length {1 + sum(last):.2f})")
+            right.plot(eval_steps, [acc[d] for _, acc, _ in history["eval"]], marker="o", label=f"depth {d + 1}")
+        _, last, in_loop = history["eval"][-1]
+        right.set_title(f"held-out acceptance; mean accepted length {1 + sum(last):.2f} from any position, "
+                        f"{in_loop:.2f} in sync's loop", fontsize=9)
     right.set(xlabel="step", ylabel="first d guesses all accepted", ylim=(0, 1))
     right.legend()
     fig.tight_layout()

@@ -32,7 +32,7 @@ from torch import nn
 from compute.line_kv import append_at
 from compute.model_source import load_config
 from compute.sampling import choose_token
-from compute.stage_model import PackedLinear, can_pack, read_safetensors
+from compute.stage_model import can_pack, int8_linears, pack_linears, read_safetensors
 from compute.types import SamplingParams
 from draft_models.base import DraftProposal
 
@@ -151,7 +151,7 @@ class DraftHead(nn.Module):
         vocab = torch.tensor(config.draft_vocab, dtype=torch.long)
         self.register_buffer("draft_vocab", vocab, persistent=False)  # draft index -> target id
         self.register_buffer("out_weight", embedding.detach()[vocab], persistent=False)  # [draft vocab, hidden]
-        self.output: nn.Module | None = None  # packed() sets it (serving); training uses out_weight
+        self.output: nn.Module | None = None  # served() sets it; training uses out_weight
         inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -164,28 +164,30 @@ class DraftHead(nn.Module):
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config)) + "\n")
 
     @classmethod
-    def load(cls, directory: Path, target_dir: Path, dtype: torch.dtype = torch.float32) -> DraftHead:
+    def load(cls, directory: Path, target_dir: Path, dtype: torch.dtype = torch.float32,
+             int8: bool = False) -> DraftHead:
         """The head in `directory`, for the target in target_dir (its
-        embedding is read from the target's checkpoint)."""
+        embedding is read from the target's checkpoint), as served."""
         config = read_head_config(directory)
         config.check_target(target_dir)
         head = cls(config, target_embedding(target_dir).to(dtype))
         weights = load_file(str(directory / WEIGHTS_FILE))
         head.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=True)
-        return head.to(dtype).eval().packed()
+        return head.to(dtype).eval().served(int8)
 
-    def packed(self) -> DraftHead:
+    def served(self, int8: bool = False) -> DraftHead:
         """For serving on CPU: every matrix, the output one too, in oneDNN's
-        packed layout (as the stages' are: compute/stage_model.py); drafting
-        reads each once per guess."""
-        if not can_pack(self.out_weight.dtype) or self.out_weight.device.type != "cpu":
+        packed layout (as the stages' are: compute/stage_model.py), or with
+        int8 quantized to int8 (a quarter of the bytes; drafting reads every
+        matrix once per guess)."""
+        if self.out_weight.device.type != "cpu" or not (int8 or can_pack(self.out_weight.dtype)):
             return self
-        for name, child in list(self.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(self, name, PackedLinear(child))
-        output = nn.Linear(self.config.hidden_size, len(self.config.draft_vocab), bias=False)
-        output.weight = nn.Parameter(self.out_weight, requires_grad=False)
-        self.output = PackedLinear(output)
+        self.output = nn.Linear(self.config.hidden_size, len(self.config.draft_vocab), bias=False)
+        self.output.weight = nn.Parameter(self.out_weight, requires_grad=False)
+        if int8:
+            int8_linears(self)
+        else:
+            pack_linears(self)
         return self
 
     def num_shipped_params(self) -> int:
@@ -222,12 +224,16 @@ class DraftHead(nn.Module):
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., N, H] and its attention [..., heads, N, d] -> (output
-        [..., N, H], draft-vocabulary logits [..., N, draft vocab])."""
+        [..., N, H], what logits() reads [..., N, H])."""
         x = x + self.o_proj(attn.transpose(-2, -3).flatten(-2))
         y = self.mlp_norm(x)
         x = x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
-        normed = self.out_norm(x)
-        return x, self.output(normed) if self.output is not None else normed @ self.out_weight.T
+        return x, self.out_norm(x)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> draft-vocabulary logits [..., draft vocab] (half the
+        head's compute: training asks it only where there are labels)."""
+        return self.output(normed) if self.output is not None else normed @ self.out_weight.T
 
     # ---- serving: one sequence's line on the last stage ---------------------
 
@@ -257,19 +263,19 @@ class DraftHead(nn.Module):
         argmax, seeded ones the target's own Gumbel choice at each position
         (so that the guesses match where the head is right). -> (target token
         ids, the head's probability of each)."""
-        feature = self.fused(line.features[0, 0, end])
+        feature = self.fused(line.features[0, 0, end:end + 1])  # [1, H]
         keys, values = line.keys[:, :, :end + 1], line.values[:, :, :end + 1]
         token, guesses, confidences, chance = token_id, [], [], 1.0
         for index in range(num_tokens):
             if chance < floor:
                 break
             position = end + 1 + index
-            x = self.inputs(feature, torch.tensor(token)).view(1, 1, -1)
+            x = self.inputs(feature, torch.tensor([token])).view(1, 1, -1)
             q, k, v = self.qkv(x, torch.tensor([position]))
             keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
             attn = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)  # all before it: no mask
-            out, logits = self.finish(x, attn)
-            feature, logits = out[0, 0], logits[0, 0].float()
+            out, normed = self.finish(x, attn)
+            feature, logits = out[0], self.logits(normed[0])[0].float()
             if sampling.is_greedy:
                 best = int(torch.argmax(logits))
                 token, confidence = int(self.draft_vocab[best]), float(torch.softmax(logits, -1)[best])
@@ -293,6 +299,9 @@ class HeadLine:
     features: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.features, self.keys, self.values) if t is not None)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,14 @@ import torch
 from compute.types import Failure, FailureCode, GenerationRequest, check_context
 from pipeline.drafter import Drafter, DraftRequest, Guesses
 from pipeline.sequence import EventSink, Guess, Launched, SequenceState
-from pipeline.speculation import EXPLORE_EVERY, AcceptanceModel, DraftHistory, RunCost, SpeculationConfig
+from pipeline.speculation import (
+    EXPLORE_EVERY,
+    AcceptanceModel,
+    DraftHistory,
+    RunCost,
+    SpeculationConfig,
+    run_threshold,
+)
 from pipeline.transport import Transport
 from pipeline.types import (
     CommitKV,
@@ -79,6 +86,7 @@ class Coordinator:
         self._thread = None
         self._closed = False
         self._launching_on: int | None = None  # the thread in the launch phase of step(), if any
+        self._outbox: list[Run] = []  # the runs of the sequence being launched, submitted together
         transport.start(lambda result: self._events.put(("result", result)))
         drafter.start(self._guesses_arrived)
         if transport.drives_coordinator:
@@ -246,6 +254,15 @@ class Coordinator:
     # ---- launch ----------------------------------------------------------
 
     def _launch(self, seq: SequenceState) -> None:
+        """The sequence's new runs, entered into the pipeline together at the end."""
+        self._outbox = []
+        try:
+            self._launch_runs(seq)
+        finally:
+            if self._outbox:
+                self.transport.submit_together(self._outbox)
+
+    def _launch_runs(self, seq: SequenceState) -> None:
         if self._prefill(seq):
             return
         mode = self.config.mode
@@ -262,8 +279,12 @@ class Coordinator:
         else:
             cap = self.config.runs_in_flight(self.transport.num_stages)
             self._ask_draft(seq, self._wanted_upto(seq, cap))  # an inline drafter answers at once
+            in_pipeline = len(seq.chain)  # runs submitted before this launch
             while len(seq.chain) < cap:
-                guesses, value = self._worth_launching(seq)
+                # A run chained behind one launched now rides in its forward where the transport
+                # shares forwards (they enter together): its guesses cost tokens of that run, not a run.
+                rides = self.transport.shares_forwards and len(seq.chain) > in_pipeline
+                guesses, value = self._worth_launching(seq, rides)
                 if seq.chain and not guesses:
                     break
                 self._submit(seq, guesses, value)
@@ -291,11 +312,13 @@ class Coordinator:
         prediction lies past max_tokens."""
         return max(0, min(most, seq.max_useful_position - seq.chain_end))
 
-    def _worth_launching(self, seq: SequenceState) -> tuple[list[Guess], float]:
+    def _worth_launching(self, seq: SequenceState, rides: bool = False) -> tuple[list[Guess], float]:
         """The leading pending guesses for a run, each while its chance of
         being accepted, with every guess before it, pays for it: a new run's
         first guess pays for a run (the run threshold), any other for a token
-        more in its run (the token threshold; a root run goes anyway).
+        more in its run (the token threshold; a root run goes anyway). A run
+        that rides in the forward of the run before it (`rides`) costs
+        tokens only: its first guess too is judged by the token threshold.
         -> the guesses and the run's own chance. (While none is worth it,
         the drafter's probing guesses are judged without a run: _wanted_upto.)"""
         run_bar, token_bar = self._bars()
@@ -305,7 +328,7 @@ class Coordinator:
         for guess in list(seq.pending)[: self._budget(seq, self.config.draft_len)]:
             depth += 1
             p = seq.acceptance.probability(guess.confidence, depth)
-            if chain_value * value * p < (run_bar if seq.chain and not taken else token_bar):
+            if chain_value * value * p < (run_bar if seq.chain and not taken and not rides else token_bar):
                 break
             value *= p
             taken.append(guess)
@@ -315,17 +338,20 @@ class Coordinator:
 
     def _bars(self) -> tuple[float, float]:
         """What a new run's first guess, and a guess more in a run, must be
-        worth (speculation.py); the first set by hand, or both raised by the
-        draft's share of the stages' cores."""
-        draft = 0.0 if self.config.min_accept_prob is not None else self._draft_share()
-        run_bar = self.config.threshold(self.transport.num_layers, len(self._seqs))
+        worth (speculation.py): both set by hand, or measured and raised by
+        the draft's share of the stages' cores."""
+        if self.config.min_accept_prob is not None:
+            return self.config.min_accept_prob, self.config.min_accept_prob
+        draft = self._draft_share()
+        run_bar = run_threshold(self.transport.num_layers, len(self._seqs))
         return min(1.0, run_bar + draft), self.run_cost.token_share() * len(self._seqs) + draft
 
     def _draft_share(self) -> float:
         """A guess's draft compute as a share of the pass it can save, where
-        the draft computes on a stage's cores (else it costs the stages nothing)."""
+        the draft computes on a stage's cores (a head on the last stage
+        always does; else it costs the stages nothing)."""
         pass_s = self.run_cost.pass_seconds(1)
-        if not self.transport.draft_shares_cores or not pass_s:
+        if not (self.transport.draft_shares_cores or self.tail_drafting) or not pass_s:
             return 0.0
         return min(1.0, self.draft_history.seconds_per_guess() / pass_s)
 
@@ -375,7 +401,7 @@ class Coordinator:
         seq.stats.num_draft_tokens += len(guesses)
         seq.chain.append(run)
         seq.stats.num_runs += 1
-        self.transport.submit(run)
+        self._outbox.append(run)
 
     def _tail_guesses(self, seq: SequenceState, end_pos: int) -> int:
         """How many guesses the last stage's head adds to a run's result: a
@@ -466,7 +492,7 @@ class Coordinator:
         if result.guesses:  # tail drafting: the head drafted from where this verification ended
             self._take_guesses(seq, Guesses(seq.seq_id, seq.epoch, result.guesses_start, list(result.guesses),
                                             [None] * len(result.guesses), list(result.guess_confidences),
-                                            is_exhausted=True))
+                                            is_exhausted=True, seconds=result.guesses_s))
 
     @staticmethod
     def _learn(seq: SequenceState, guesses: list[Guess | None], verdict) -> None:

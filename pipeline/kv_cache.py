@@ -13,6 +13,7 @@ ancestors, here, before it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -131,9 +132,13 @@ class StageKVCache:
     from any thread and only queues run ids, dropped at the next message.
     """
 
-    def __init__(self, num_layers: int, budget_bytes: int | None = None) -> None:
+    def __init__(self, num_layers: int, budget_bytes: int | None = None,
+                 beside: Callable[[], int] = lambda: 0) -> None:
+        """beside() -> bytes the stage keeps per sequence beside the KV (a
+        draft head's lines), counted in the budget too."""
         self.num_layers = num_layers
         self.budget_bytes = budget_bytes
+        self._beside = beside
         self.sequences: dict[int, SequenceKV] = {}
         self._run_seq: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -142,7 +147,7 @@ class StageKVCache:
     def begin_run(self, run: Run) -> RunKV:
         self.drop_cancelled()
         if run.seq_id not in self.sequences and self.budget_bytes is not None:
-            used = self.num_bytes()
+            used = self.num_bytes() + self._beside()
             if used >= self.budget_bytes:
                 raise KVBudgetExceeded(f"KV cache full: {used} of {self.budget_bytes} bytes in use; "
                                        "new requests are refused until running ones finish")

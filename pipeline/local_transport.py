@@ -61,6 +61,8 @@ class _Returning:
 
 
 class LocalTransport(Transport):
+    shares_forwards = True  # a stage takes every run waiting for it in one forward (_waiting)
+
     def __init__(self, stages: list[Stage], layer_delay: LayerDelay | None = None,
                  cores: list[list[int]] | None = None) -> None:
         """cores: one group per stage and one for the draft, each pinned to
@@ -86,8 +88,12 @@ class LocalTransport(Transport):
             self._threads.append(thread)
 
     def submit(self, run: Run) -> None:
-        self._returning.entered(run)
-        self._inboxes[0].put((run, None))
+        self.submit_together([run])
+
+    def submit_together(self, runs) -> None:
+        for run in runs:
+            self._returning.entered(run)
+        self._inboxes[0].put([(run, None) for run in runs])  # one message: no stage takes one without the others
 
     def send_kv_op(self, op: KVOp) -> None:
         if isinstance(op, FreeSequence):
@@ -134,10 +140,10 @@ class LocalTransport(Transport):
                     if outbox is not None:
                         outbox.put(_STOP)
                     return
-                item, hidden = message
-                if isinstance(item, Run):
-                    batch.append((item, hidden))
+                if isinstance(message, list):  # runs (and their hidden states) that travel together
+                    batch += message
                     continue
+                item, _ = message
                 if any(run.seq_id == item.seq_id for run, _ in batch):  # its sequence's runs first
                     self._handle_runs(stage, batch, outbox, before_layer)
                     batch = []
@@ -158,7 +164,7 @@ class LocalTransport(Transport):
                 pass
             remaining = deadline - time.monotonic()
             if remaining <= 0 or any(m is _STOP for m in messages) or not self._returning.any_besides(
-                    {m[0].seq_id for m in messages if isinstance(m[0], Run)}):
+                    {run.seq_id for m in messages if isinstance(m, list) for run, _ in m}):
                 return messages
             try:
                 messages.append(inbox.get(timeout=remaining))
@@ -176,6 +182,7 @@ class LocalTransport(Transport):
             outs = [stage_failure(run, stage.stage_index, exc) for run, _ in batch]
         if stage.is_first:
             self._forward_s = time.monotonic() - started
+        onward = []
         for (run, _), out in zip(batch, outs):
             if out is None:
                 continue
@@ -183,7 +190,9 @@ class LocalTransport(Transport):
                 self._returning.left(run.seq_id, [run.run_id])
                 self._on_result(out)
             else:
-                outbox.put((run, out))
+                onward.append((run, out))
+        if onward:
+            outbox.put(onward)  # the next stage takes them in one forward too
 
     def _handle_kv_op(self, stage: Stage, op: KVOp, outbox) -> None:
         try:

@@ -18,10 +18,13 @@ a new run's first guess needs a chance of 1 / num_layers. A guess more in a
 run makes that run's pass longer by the time of a token, which RunCost
 measures: it needs a chance of (token time / pass time). Both grow with the
 number of requests running, whose runs a wasted one displaces.
-min_accept_prob sets the first by hand. Where the draft computes on cores
-a stage computes on too (a machine with fewer cores than workers), every
-guess also costs the draft's own compute, taken from that stage: both bars
-rise by the draft's measured time per guess as a share of a pass.
+Where a transport puts the runs waiting for a stage through one forward, a
+run chained behind one launched with it rides in that forward: its first
+guess too costs a token, not a run. Where the draft computes on cores a
+stage computes on too (a machine with fewer cores than workers, or a head
+on the last stage), every guess also costs the draft's own compute, taken
+from that stage: both bars rise by the draft's measured time per guess as a
+share of a pass. min_accept_prob sets both bars by hand (0: every guess).
 
 A new request starts from what the engine learnt of its draft on the
 requests before it (DraftHistory), so a useless draft is found out once,
@@ -53,7 +56,8 @@ class SpeculationConfig:
     # Most runs in flight per sequence (pipeinfer); None: one per stage plus
     # one waiting at the first stage, so that no stage idles.
     max_runs_in_flight: int | None = None
-    # Launch a guess while P(it and all before it are accepted) >= this; None: by the pipeline's depth and load.
+    # Launch a guess while P(it and all before it are accepted) >= this; None: measured (the run and
+    # token bars: by the pipeline's depth and load, a token's time, the draft's compute).
     min_accept_prob: float | None = None
     # While other requests run, a longer prompt goes through the stages in chunks
     # of this many tokens, one in flight at a time, each sharing its forward with
@@ -74,10 +78,12 @@ class SpeculationConfig:
     def runs_in_flight(self, num_stages: int) -> int:
         return self.max_runs_in_flight or num_stages + 1
 
-    def threshold(self, num_layers: int, num_sequences: int) -> float:
-        if self.min_accept_prob is not None:
-            return self.min_accept_prob
-        return min(1.0, max(1, num_sequences) / num_layers)
+
+
+def run_threshold(num_layers: int, num_sequences: int) -> float:
+    """What a new run's first guess must be worth: a wasted run costs about
+    a layer of each running request's time."""
+    return min(1.0, max(1, num_sequences) / num_layers)
 
 
 class _Rates:

@@ -47,12 +47,12 @@ class Stage:
         self.head_lines: dict[int, HeadLine] = {}  # seq_id -> the head's state (last stage, with a head)
         self.capture = capture
         self.stage_index = stage_index
-        self.kv = StageKVCache(model.num_layers, kv_budget_bytes)
+        self.kv = StageKVCache(model.num_layers, kv_budget_bytes, beside=self._head_bytes)
         self.counters = StageCounters()
         self.spans = SpanRecorder()
         self._lock = threading.Lock()
         self._cancelled: dict[int, set[int]] = {}  # seq_id -> cancelled run ids
-        self._kv_snapshot = (0, 0)  # (bytes, sequences), refreshed by the compute thread
+        self._kv_snapshot = (0, 0)  # (bytes, sequences), refreshed by the compute thread (KV and head lines)
         self._active_at = time.monotonic()  # last progress: a layer, a run, a KV op
 
     @classmethod
@@ -94,8 +94,11 @@ class Stage:
             "draft_head_tokens": self.counters.draft_head_tokens,
         }
 
+    def _head_bytes(self) -> int:
+        return sum(line.num_bytes() for line in self.head_lines.values())
+
     def _refresh_snapshot(self) -> None:
-        self._kv_snapshot = (self.kv.num_bytes(), len(self.kv.sequences))
+        self._kv_snapshot = (self.kv.num_bytes() + self._head_bytes(), len(self.kv.sequences))
 
     @property
     def is_first(self) -> bool:
@@ -232,6 +235,7 @@ class Stage:
         self.head.extend(line, run.start_pos, features, run.token_ids)
         tokens, first = result.target_token_ids, run.logits_from
         if run.tail_guesses and tokens:
+            drafting = time.perf_counter()
             end = first  # the output whose target token verification ends with
             while end + 1 < len(run.token_ids) and run.token_ids[end + 1] == tokens[end - first]:
                 end += 1
@@ -239,6 +243,7 @@ class Stage:
                 line, run.start_pos + end, tokens[end - first], run.tail_guesses, run.sampling, run.tail_floor)
             result.guesses_start = run.start_pos + end + 2  # after the target's token at end + 1
             self.counters.draft_head_tokens += len(result.guesses)
+            result.guesses_s = time.perf_counter() - drafting  # what the guesses cost (the line is kept anyway)
         self.counters.draft_head_s += time.perf_counter() - started
 
     @staticmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -43,6 +43,10 @@ class Transport(Protocol):
         """Run the coordinator's loop (only where drives_coordinator is True)."""
         raise NotImplementedError
 
+    # Runs waiting together for a stage go through it in one forward: a run
+    # chained behind one submitted with it rides with it, costing its tokens
+    # and not a forward of its own (nothing of it overlaps its parent).
+    shares_forwards: bool = False
     draft_cores: list[int] | None = None  # the draft's own cores, where it shares this machine
     draft_shares_cores: bool = False  # the draft computes on cores a stage computes on (too few cores)
 
@@ -54,6 +58,13 @@ class Transport(Protocol):
     def start(self, on_result: ResultSink) -> None: ...
 
     def submit(self, run: Run) -> None: ...
+
+    def submit_together(self, runs: Sequence[Run]) -> None:
+        """Runs the coordinator launched in one step (one sequence's, in
+        chain order): where the transport shares forwards, they go through
+        every stage in one."""
+        for run in runs:
+            self.submit(run)
 
     def send_kv_op(self, op: KVOp) -> None: ...
 

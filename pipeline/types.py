@@ -70,6 +70,7 @@ class RunResult:
     guesses: list[int] = field(default_factory=list)
     guess_confidences: list[float] = field(default_factory=list)
     guesses_start: int = 0
+    guesses_s: float = 0.0  # the head's compute for them, on the last stage
 
 
 @dataclass(frozen=True, slots=True)

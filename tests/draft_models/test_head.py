@@ -113,7 +113,7 @@ def test_serving_drafts_what_training_unrolls(tiny_target, tiny_heads):
     head.extend(line, 4, features[4:9], text[4:9])
     for start in (3, 6, 9):  # step 1 from `start` is the entry (features of start - 1, token start)
         guesses, _ = head.draft(line, start - 1, text[start], 3, SamplingParams())
-        assert guesses == [int(head.draft_vocab[logits[0, start].argmax()]) for logits, _ in steps], start
+        assert guesses == [int(head.draft_vocab[trained.logits(normed[0, start]).argmax()]) for normed in steps], start
 
 
 def test_the_head_stops_where_its_chain_falls_below_the_floor(tiny_target, tiny_heads):
@@ -145,8 +145,8 @@ def test_the_head_stops_where_its_chain_falls_below_the_floor(tiny_target, tiny_
 def test_the_coordinator_asks_the_head_to_stop_where_a_guess_would_not_be_launched(tiny_target, tiny_heads):
     prompt = (9, 8, 7, 9, 8)
     with load_engine(tiny_target, f"head:{tiny_heads['llama']}", 2, Mode.PIPEINFER) as engine:
-        runs, submit = [], engine.transport.submit
-        engine.transport.submit = lambda run: (runs.append(run), submit(run))[1]
+        runs, submit = [], engine.transport.submit_together
+        engine.transport.submit_together = lambda launched: (runs.extend(launched), submit(launched))[1]
         engine._coordinator._bars = lambda: (0.5, 0.25)  # (a run's bar, a token's), measured ones move with timing
         got = engine.complete(GenerationRequest(prompt, 12))
     assert got.token_ids == greedy_reference(tiny_target, list(prompt), 12)
@@ -178,11 +178,12 @@ def test_train_draft_end_to_end_resumes_and_serves(tiny_text_model, tmp_path):
     first = train_draft(tiny_text_model, out, "--steps", "6")
     assert first.returncode == 0, first.stderr[-2000:]
     assert f"--draft head:{out}" in first.stdout
-    for name in ("head.json", "head.safetensors", "training.png", "data.pt", "checkpoint.pt", "history.json"):
+    for name in ("head.json", "head.safetensors", "training.png", "data/part-0000.pt", "checkpoint.pt", "history.json"):
         assert (out / name).exists(), name
     history = json.loads((out / "history.json").read_text())
     assert [s for s, _ in history["loss"]] == list(range(1, 7))
-    assert [s for s, _ in history["eval"]] == [3, 6] and len(history["eval"][0][1]) == 4  # depth 4
+    assert [s for s, *_ in history["eval"]] == [3, 6] and len(history["eval"][0][1]) == 4  # depth 4
+    assert all(1.0 <= in_loop <= 5.0 for *_, in_loop in history["eval"])  # tokens per verification in sync's loop
     assert len(read_head_config(out).draft_vocab) == 64
 
     second = train_draft(tiny_text_model, out, "--steps", "9")
@@ -238,3 +239,73 @@ def test_the_shipped_head_is_lossless_and_guesses_well(default_model, stages):
             assert out.token_ids == greedy_reference(default_model, list(ids), 32)
             accepted.append(out.stats.mean_accepted_len)
     assert min(accepted) > 1.5, accepted
+
+
+def test_sync_loop_drafts_after_each_verification():
+    """The training's in-loop measure: a verification from p gains the
+    guesses accepted there plus the target's token, and the next starts
+    after them (positions in between are never drafted from)."""
+    from draft_models.distill import sync_loop
+
+    accepted = [9, 9, 2, 0, 4, 3, 0, 1, 0, 0]
+    #            start ^2: +3 -> 5: +4 -> 9: +1 -> end
+    assert sync_loop(accepted, 2, 10) == (8, 3)
+    assert sync_loop(accepted, 3, 10) == (7, 3)  # 3: +1 -> 4: +5 -> 9: +1 -> end
+    assert sync_loop([0] * 6, 1, 6) == (5, 5)  # nothing accepted: one token per verification
+
+
+def test_a_run_launched_with_its_parent_rides_in_its_forward_and_costs_tokens(tiny_target, tiny_heads):
+    """Local stages share their forwards: the runs launched in one step
+    (here from a result's tail guesses, two runs' worth in pipeinfer mode)
+    enter the pipeline together and go through every stage in one forward,
+    so a run chained behind one launched with it costs its tokens, not a
+    run: its first guess is judged by the token bar. No guess is worth a
+    run of its own here (the run bar is out of reach), every one a token."""
+    prompt = (9, 8, 7, 9, 8)
+    with load_engine(tiny_target, f"head:{tiny_heads['llama']}", 2, Mode.PIPEINFER, draft_len=2) as engine:
+        engine._coordinator._bars = lambda: (1.01, 0.0)  # (a run's bar, a token's)
+        engine.stage_spans()
+        out = engine.complete(GenerationRequest(prompt, 16))
+        spans = engine.stage_spans()
+    assert out.token_ids == greedy_reference(tiny_target, list(prompt), 16)
+    forwards: dict[tuple, set[int]] = {}  # (stage, start, end) -> the runs that shared it
+    for span in spans:
+        forwards.setdefault((span.stage, span.start_s, span.end_s), set()).add(span.run_id)
+    shared = [key for key, runs in forwards.items() if len(runs) == 2]
+    assert len(shared) >= 4 and {stage for stage, *_ in shared} == {0, 1}
+    assert out.stats.num_runs > out.stats.num_verify_steps  # chained runs: launched only by riding
+
+
+def test_the_heads_compute_is_counted_and_min_accept_prob_sets_every_bar(tiny_target, tiny_heads):
+    """The head's time comes back with its guesses (it is the last stage's
+    time, which the bars charge each guess with); --min-accept-prob set by
+    hand is the bar of every guess, so 0 asks the head for all it can give."""
+    prompt = (9, 8, 7, 9, 8)
+    with load_engine(tiny_target, f"head:{tiny_heads['llama']}", 2, Mode.SYNC, min_accept_prob=0.0) as engine:
+        runs, submit = [], engine.transport.submit_together
+        engine.transport.submit_together = lambda launched: (runs.extend(launched), submit(launched))[1]
+        out = engine.complete(GenerationRequest(prompt, 12))
+        head_s = sum(stage["draft_head_s"] for stage in engine.stage_stats())
+    asked = [run for run in runs if run.tail_guesses]
+    assert asked and all(run.tail_floor == 0.0 for run in asked)
+    assert 0 < out.stats.draft_s <= head_s and out.stats.draft_guesses > 0
+
+
+def test_the_heads_lines_count_in_the_stages_kv_budget(tiny_target, tiny_heads):
+    """The last stage keeps per sequence the head's features, keys and
+    values beside the KV: --kv-budget-bytes bounds both, and kv_bytes
+    reports both; a finished sequence frees both."""
+    from pipeline.types import FreeSequence
+
+    plans = tuple(dataclasses.replace(p, draft_head=str(tiny_heads["llama"])) for p in balanced_plans(tiny_target, 1))
+    stage = Stage.load(tiny_target, plans, 0, "float32")
+    text = (5, 17, 33, 5, 17, 60)
+    stage.process(Run(0, 0, None, 0, text, False, SamplingParams(), logits_from=len(text) - 1), None)
+    kv_bytes, head_bytes = stage.kv.num_bytes(), stage.head_lines[0].num_bytes()
+    assert head_bytes > 0 and stage.stats()["kv_bytes"] == kv_bytes + head_bytes
+    stage.kv.budget_bytes = kv_bytes + head_bytes // 2  # room for the KV alone, not for the lines beside it
+    out = stage.process(Run(1, 1, None, 0, text, False, SamplingParams(), logits_from=len(text) - 1), None)
+    assert out.failure is not None and "KV cache full" in out.failure.message
+    stage.apply(FreeSequence(0))
+    assert stage.stats()["kv_bytes"] == 0
+    assert stage.process(Run(2, 1, None, 0, text, False, SamplingParams(), logits_from=len(text) - 1), None).failure is None
