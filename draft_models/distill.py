@@ -519,7 +519,7 @@ def plot_history(history: dict, path: Path) -> None:
         for d in range(len(history["eval"][0][1])):
             right.plot(eval_steps, [acc[d] for _, acc, _ in history["eval"]], marker="o", label=f"depth {d + 1}")
         _, last, in_loop = history["eval"][-1]
-        right.set_title(f"held-out acceptance; mean accepted length {1 + sum(last):.2f} from any position, "
+        right.set_title(f"held-out acceptance\nmean accepted length {1 + sum(last):.2f} from any position, "
                         f"{in_loop:.2f} in sync's loop", fontsize=9)
     right.set(xlabel="step", ylabel="first d guesses all accepted", ylim=(0, 1))
     right.legend()
