@@ -79,7 +79,6 @@ class SpeculationConfig:
         return self.max_runs_in_flight or num_stages + 1
 
 
-
 def run_threshold(num_layers: int, num_sequences: int) -> float:
     """What a new run's first guess must be worth: a wasted run costs about
     a layer of each running request's time."""
