@@ -10,7 +10,6 @@ and the arithmetic is the same whatever the split.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
@@ -246,15 +245,6 @@ def can_pack(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def int8_linears(module: nn.Module) -> nn.Module:
-    """Every nn.Linear inside module quantized to int8, in place (dynamic:
-    int8 weights, each input quantized per call, fbgemm's kernels): a
-    quarter of the bytes to read, for a draft whose guesses the target checks."""
-    with warnings.catch_warnings():  # torch.ao is deprecated in favour of torchao, but still works here
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def pack_linears(module: nn.Module) -> None:

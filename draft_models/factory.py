@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
 from compute.model_source import ModelSourceError, load_config, resolve_model
-from compute.stage_model import StageModel, int8_linears
+from compute.stage_model import StageModel
 from compute.threads import on_passing_thread
 from draft_models.base import DraftModel, NoDraft
 from draft_models.head import HeadError, TailDraft, checked_head_dir
@@ -58,8 +59,10 @@ def _packed_model(model_dir: Path, num_layers: int, dtype: torch.dtype) -> Stage
 
 
 def _int8_model(target_dir: Path, num_layers: int):
-    return int8_linears(StageModel.load(target_dir, 0, num_layers, with_embed=True, with_head=True,
-                                        dtype=torch.float32))
+    full = StageModel.load(target_dir, 0, num_layers, with_embed=True, with_head=True, dtype=torch.float32)
+    with warnings.catch_warnings():  # torch.ao is deprecated in favour of torchao, but still works here
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(full, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def draft_model_dir(spec: DraftSpec, target_dir: Path, show_progress: bool = False) -> Path:

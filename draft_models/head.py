@@ -151,7 +151,7 @@ class DraftHead(nn.Module):
         vocab = torch.tensor(config.draft_vocab, dtype=torch.long)
         self.register_buffer("draft_vocab", vocab, persistent=False)  # draft index -> target id
         self.register_buffer("out_weight", embedding.detach()[vocab], persistent=False)  # [draft vocab, hidden]
-        self.output: nn.Module | None = None  # served() sets it; training uses out_weight
+        self.output: nn.Module | None = None  # packed() sets it (serving); training uses out_weight
         inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -172,9 +172,9 @@ class DraftHead(nn.Module):
         head = cls(config, target_embedding(target_dir).to(dtype))
         weights = load_file(str(directory / WEIGHTS_FILE))
         head.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=True)
-        return head.to(dtype).eval().served()
+        return head.to(dtype).eval().packed()
 
-    def served(self) -> DraftHead:
+    def packed(self) -> DraftHead:
         """For serving on CPU: every matrix, the output one too, in oneDNN's
         packed layout (as the stages' are: compute/stage_model.py). Not int8:
         dynamic int8 took the shipped head's first-guess acceptance from 0.66
