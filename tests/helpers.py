@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -152,7 +153,10 @@ class ServerProcess:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(f"/tmp/pipeinfer-test-server-{self.port}.log")
+        # Its output, in a file while it runs; close() keeps the text and removes the file.
+        descriptor, name = tempfile.mkstemp(prefix=f"pipeinfer-test-server-{self.port}-", suffix=".log")
+        os.close(descriptor)
+        self.log_path, self._closed_log = Path(name), ""
         command = [str(Path(sys.executable).parent / "pipeinfer"), "serve", "--port", str(self.port), *args]
         if api_key:
             command += ["--api-key", api_key]
@@ -161,7 +165,8 @@ class ServerProcess:
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+                self.close()
+                raise RuntimeError(f"server exited: {self.log()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -169,10 +174,10 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         self.close()
-        raise TimeoutError(f"server not healthy in {ready_timeout}s: {self.log_path.read_text()[-2000:]}")
+        raise TimeoutError(f"server not healthy in {ready_timeout}s: {self.log()[-2000:]}")
 
     def log(self) -> str:
-        return self.log_path.read_text()
+        return self.log_path.read_text() if self.log_path.exists() else self._closed_log
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -182,6 +187,9 @@ class ServerProcess:
             except Exception:
                 self.proc.kill()
         self._log.close()
+        if self.log_path.exists():
+            self._closed_log = self.log_path.read_text()
+            self.log_path.unlink()
 
     def __enter__(self) -> ServerProcess:
         return self
