@@ -236,7 +236,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory for the head, its data, checkpoint and "
                         "plot (a rerun resumes there)")
     parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts,
-                        help="prompts the target answers (the project's chat prompt set, cycled); a tenth held out")
+                        help="prompts the target answers: the first N of the project's chat prompt set "
+                        "(draft_models/training_prompts.py); a tenth of each of its two blocks held out")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens per answer")
     parser.add_argument("--sampled-share", type=float, default=defaults.sampled_share,
                         help="share of answers sampled (temperature 0.7) rather than greedy")
@@ -248,6 +249,9 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--soft-weight", type=float, default=defaults.soft_weight,
                         help="share of the loss on the target's top tokens (soft labels) beside its greedy token")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    parser.add_argument("--init", default=defaults.init, metavar="HEAD",
+                        help="start from this head (head:default or head:DIR; its draft vocabulary is kept): "
+                        "fine-tuning instead of training from scratch")
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every,
                         help="steps between held-out measurements and checkpoints")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -264,7 +268,7 @@ def _train_draft(args: argparse.Namespace) -> int:
     config = TrainConfig(model=args.model, out_dir=args.out, num_prompts=args.num_prompts,
                          max_new_tokens=args.max_new_tokens, sampled_share=args.sampled_share, steps=args.steps,
                          batch=args.batch, depth=args.depth, draft_vocab=args.draft_vocab, soft_weight=args.soft_weight, lr=args.lr,
-                         eval_every=args.eval_every, seed=args.seed, device=str(torch_device(device)))
+                         init=args.init, eval_every=args.eval_every, seed=args.seed, device=str(torch_device(device)))
     summary = train(config)
     accepted = " ".join(f"{a:.2f}" for a in summary["acceptance_by_depth"])
     print(f"head in {args.out}: {summary['head_params'] / 1e6:.1f} M parameters; held-out acceptance by depth "

@@ -19,6 +19,7 @@ acceptance at each draft depth on held-out conversations) and history.json.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -30,13 +31,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from compute.line_kv import DraftKV
 from compute.model_source import load_config, resolve_model
 from compute.stage_model import StageModel
 from compute.threads import on_passing_thread
-from draft_models.head import DraftHead, HeadConfig, target_embedding
+from draft_models.head import WEIGHTS_FILE, DraftHead, HeadConfig, checked_head_dir, read_head_config, target_embedding
+from draft_models.spec import parse_draft
+from draft_models.training_prompts import SET_SIZE, held_out, training_prompts
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ HISTORY_FILE = "history.json"
 class TrainConfig:
     model: str = "default"
     out_dir: Path = Path("head")
-    num_prompts: int = 6144  # the project's prompt set (training_prompts), all of it; a tenth held out
+    num_prompts: int = 8192  # the project's prompt set (training_prompts), all of it; a tenth of each block held out
     max_new_tokens: int = 128
     sampled_share: float = 0.25  # batches of continuations sampled (SAMPLED_TEMPERATURE) instead of greedy
     gen_batch: int = 64  # answers generated together, in one forward per step
@@ -63,6 +67,7 @@ class TrainConfig:
     draft_vocab: int = 8192
     soft_weight: float = 0.5  # of the loss on the target's top tokens (soft labels), beside its greedy token
     lr: float = 1e-3
+    init: str = ""  # a head to start from (head:default or head:DIR): its weights and draft vocabulary
     eval_every: int = 100
     seed: int = 0
     device: str = "cpu"
@@ -74,74 +79,10 @@ class TrainConfig:
             raise ValueError("--depth in 1..16, --draft-vocab >= 2, sampled share in [0, 1]")
         if not 0 <= self.soft_weight <= 1:
             raise ValueError("--soft-weight in [0, 1]")
-
-
-# ---- prompts -------------------------------------------------------------
-
-_TOPICS = (
-    "photosynthesis", "the water cycle", "volcanoes", "the French Revolution", "compound interest", "vaccines",
-    "machine learning", "the stock market", "climate change", "the human heart", "electric cars", "gravity",
-    "the Roman Empire", "coffee", "sleep", "meditation", "solar panels", "the internet", "bees", "recycling",
-    "chess", "the moon landing", "earthquakes", "democracy", "inflation", "rainbows", "DNA", "the immune system",
-    "tides", "the printing press", "dinosaurs", "jazz music", "the Great Wall of China", "antibiotics",
-    "cloud computing", "public speaking", "time management", "baking bread", "learning a language", "budgeting",
-    "running a marathon", "houseplants", "the Pythagorean theorem", "prime numbers", "the solar system",
-    "penguins", "the Olympic Games", "vitamins", "renewable energy", "social media", "the Renaissance",
-    "electricity", "magnets", "the ocean", "deserts", "friendship", "job interviews", "writing a resume",
-    "camping", "photography", "the violin", "origami", "sushi", "tea ceremonies", "the Amazon rainforest",
-    "glaciers", "hurricanes", "batteries", "3D printing", "password security", "spreadsheets",
-    "the Python programming language", "sorting algorithms", "recursion", "databases", "version control",
-    "the Eiffel Tower", "volunteering", "the piano", "ancient Egypt", "the metric system", "lighthouses",
-    "coral reefs", "bicycles", "the Industrial Revolution", "fermentation", "wind turbines", "owls",
-    "the Silk Road", "mushrooms", "traffic lights", "the human brain", "airplanes", "composting", "knitting",
-    "the Moon", "opera", "vaccination schedules", "cryptography", "the periodic table", "rivers", "whales",
-    "board games", "the Cold War", "nutrition labels", "yoga", "submarines", "the Nile", "honey",
-    "probability", "skyscrapers", "the Mona Lisa", "first aid", "elephants", "trains", "the Arctic",
-    "credit scores", "podcasts", "libraries", "quantum computing", "the human skeleton", "pizza",
-    "the Declaration of Independence", "rock climbing", "tornadoes", "video games", "the Sahara",
-    "algebra", "smartphones", "minimalism", "castles", "octopuses", "the microscope", "pottery",
-    "mountains", "email etiquette", "cheese", "satellites", "the Vikings", "gardening", "rain",
-    "negotiation", "carbon dating", "hot air balloons", "linked lists", "unit testing", "spices",
-    "weather forecasting", "the Aztecs", "kindness", "solar eclipses", "rubber", "the Great Barrier Reef",
-    "the Panama Canal", "jellyfish",
-    "atoms", "cells", "evolution", "the speed of light", "sound waves", "the Big Bang", "comets", "ocean currents",
-    "the nitrogen cycle", "plate tectonics", "viruses", "bacteria", "the human eye", "muscles", "blood types",
-    "genetics", "microplastics", "nuclear energy", "static electricity", "friction", "the greenhouse effect",
-    "clouds", "snowflakes", "lightning", "the Mars rovers", "the International Space Station", "telescopes",
-    "fossils", "ants", "JavaScript", "HTML", "the Linux terminal", "open source software",
-    "artificial intelligence", "self-driving cars", "blockchain", "computer viruses", "data privacy", "Wi-Fi",
-    "GPS", "search engines", "robots", "virtual reality", "binary numbers", "hash tables", "APIs",
-    "regular expressions", "operating systems", "keyboard shortcuts", "cooking pasta", "doing laundry",
-    "saving money", "moving to a new city", "learning to swim", "making new friends", "writing a thank-you note",
-    "planning a road trip", "packing for a trip", "caring for a cat", "grocery shopping", "drinking enough water",
-    "stretching", "reading more books", "keeping a journal", "saying no politely", "small talk",
-    "working in a team", "Shakespeare", "Greek mythology", "the Titanic", "samurai", "the Maya civilization",
-    "the Beatles", "ballet", "comic books", "Impressionist painting", "the Statue of Liberty", "the Taj Mahal",
-    "Chinese New Year", "sign language", "maps", "museums", "taxes", "supply and demand", "small businesses",
-    "public transport", "voting", "charity", "tourism", "advertising", "online shopping", "insurance", "sunflowers",
-    "frogs", "wolves", "butterflies", "cacti", "bamboo", "sharks", "dolphins", "migrating birds",
-)
-_TEMPLATES = (
-    "What is {t}?", "Explain {t} to a ten-year-old.", "Give me three facts about {t}.",
-    "Why does {t} matter?", "Write a short paragraph about {t}.", "What are the pros and cons of {t}?",
-    "Summarize the history of {t} in a few sentences.", "How would you teach {t} to a beginner?",
-    "List five questions a student might ask about {t}.", "Write a short poem about {t}.",
-    "What is a common misconception about {t}?", "Describe {t} in one sentence, then in detail.",
-    "What should everyone know about {t}?", "Compare {t} with something from everyday life.",
-    "Tell me a fun story that involves {t}.", "What are the main ideas behind {t}?",
-    "How do I get started with {t}?", "Give me a few practical tips related to {t}.",
-    "Explain how {t} works, step by step.", "Write a limerick about {t}.",
-    "What are some surprising facts about {t}?", "Write a short dialogue between two friends talking about {t}.",
-    "What are the biggest challenges related to {t}?", "Suggest a title for a blog post about {t}, and explain it.",
-)
-
-
-def training_prompts() -> list[list[dict[str, str]]]:
-    """The project's own prompt set: chat turns from topic x question
-    templates, in a fixed shuffled order (none is a benchmark prompt)."""
-    prompts = [[{"role": "user", "content": template.format(t=topic)}] for topic in _TOPICS for template in _TEMPLATES]
-    random.Random(1234).shuffle(prompts)
-    return prompts
+        if self.num_prompts > SET_SIZE:
+            raise ValueError(f"--num-prompts at most {SET_SIZE} (the project's prompt set)")
+        if self.init and parse_draft(self.init).kind != "head":
+            raise ValueError(f"--init {self.init!r}: expected head:default or head:DIR (a train-draft output)")
 
 
 # ---- data ----------------------------------------------------------------
@@ -172,13 +113,13 @@ def generate_data(config: TrainConfig, model_dir: Path, feature_layers: tuple[in
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = None  # loaded for the first part to generate
-    prompts = training_prompts()
-    prompts = [prompts[i % len(prompts)] for i in range(config.num_prompts)]
-    key = {**_data_key(config), "feature_layers": list(feature_layers)}
+    prompts = training_prompts()[:config.num_prompts]
     conversations: list[Conversation] = []
     bar = tqdm(total=len(prompts), desc="target writes", unit="prompt", disable=not show_progress)
     for part, first_prompt in enumerate(range(0, len(prompts), SHARD_PROMPTS)):
         shard = None if data_dir is None else data_dir / f"part-{part:04d}.pt"
+        key = {**_data_key(config), "feature_layers": list(feature_layers),
+               "prompts": _fingerprint(prompts[first_prompt:first_prompt + SHARD_PROMPTS])}
         if shard is not None and shard.exists():
             saved = torch.load(shard, weights_only=False)
             if saved["key"] != key:
@@ -419,16 +360,26 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
     model_dir = resolve_model(config.model, show_progress)
     torch.manual_seed(config.seed)
     shape = HeadConfig.for_target(model_dir, ())
+    # Fine-tuning (--init) keeps the head's draft vocabulary, which its weights index.
+    start = checked_head_dir(parse_draft(config.init).path, model_dir) if config.init else None
+    start_config = read_head_config(start) if start is not None else None
+    if start_config is not None and start_config.feature_layers != shape.feature_layers:
+        raise ValueError(f"--init {config.init} reads layers {start_config.feature_layers}; "
+                         f"train-draft records {shape.feature_layers}")
     started = time.monotonic()
     conversations = generate_data(config, model_dir, shape.feature_layers, show_progress, out / DATA_DIR)
-    held = max(1, len(conversations) // 10)
-    train_set, held_out = conversations[held:], conversations[:held]
-    head_config = HeadConfig(**{**asdict(shape), "draft_vocab": draft_vocabulary(
+    held = set(held_out(len(conversations)))
+    train_set = [c for i, c in enumerate(conversations) if i not in held]
+    held_set = [c for i, c in enumerate(conversations) if i in held]
+    head_config = start_config or HeadConfig(**{**asdict(shape), "draft_vocab": draft_vocabulary(
         train_set, config.draft_vocab, shape.vocab_size)})
-    head = DraftHead(head_config, target_embedding(model_dir).float()).to(config.device)
+    head = DraftHead(head_config, target_embedding(model_dir).float())
+    if start is not None:
+        head.load_state_dict(load_file(str(start / WEIGHTS_FILE)), strict=True)
+    head = head.to(config.device)
     to_draft = torch.full((shape.vocab_size,), -100, dtype=torch.long)
     to_draft[torch.tensor(head_config.draft_vocab)] = torch.arange(len(head_config.draft_vocab))
-    positions = [sum(len(c.token_ids) - c.prompt_len + 1 for c in part) for part in (train_set, held_out)]
+    positions = [sum(len(c.token_ids) - c.prompt_len + 1 for c in part) for part in (train_set, held_set)]
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=0.0)
     history = {"loss": [], "eval": [], "positions": positions[0]}
     step = 0
@@ -459,7 +410,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
         bar.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
         if step % config.eval_every == 0 or step == config.steps:
             head.eval()
-            accepted, in_loop = acceptance_by_depth(head, held_out, to_draft, config.depth, config.device)
+            accepted, in_loop = acceptance_by_depth(head, held_set, to_draft, config.depth, config.device)
             history["eval"].append([step, [round(a, 4) for a in accepted], round(in_loop, 4)])
             head.train()
             torch.save({"config": _train_key(config), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
@@ -491,7 +442,12 @@ def _lr(config: TrainConfig, step: int) -> float:
 
 def _data_key(config: TrainConfig) -> dict:
     return {k: str(v) for k, v in asdict(config).items()
-            if k in ("model", "num_prompts", "max_new_tokens", "sampled_share", "gen_batch", "seed")}
+            if k in ("model", "max_new_tokens", "sampled_share", "gen_batch", "seed")}
+
+
+def _fingerprint(prompts: list[list[dict[str, str]]]) -> str:
+    """Of a part's prompts: a part generated from other prompts is not read as this one."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
 
 
 def _train_key(config: TrainConfig) -> dict:

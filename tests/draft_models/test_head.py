@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from compute.types import GenerationRequest, SamplingParams
@@ -194,6 +195,19 @@ def test_train_draft_end_to_end_resumes_and_serves(tiny_text_model, tmp_path):
     changed = train_draft(tiny_text_model, out, "--steps", "9", "--lr", "0.5")
     assert changed.returncode == 2 and "other settings" in changed.stderr
 
+    # Fine-tuning starts from the head's weights and keeps its draft vocabulary
+    # (at lr 0 it is the same head), reusing nothing of its run but the head.
+    tuned = train_draft(tiny_text_model, tmp_path / "tuned", "--steps", "2", "--lr", "0", "--draft-vocab", "32",
+                        "--init", f"head:{out}")
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    assert read_head_config(tmp_path / "tuned") == read_head_config(out)
+    tuned_weights, weights = (load_file(str(d / "head.safetensors")) for d in (tmp_path / "tuned", out))
+    assert tuned_weights.keys() == weights.keys() and all(torch.equal(tuned_weights[k], weights[k]) for k in weights)
+    other = train_draft(tiny_text_model, tmp_path / "other", "--steps", "2", "--init", "head:default")
+    assert other.returncode == 2 and "trained for a target" in other.stderr
+    not_a_head = train_draft(tiny_text_model, tmp_path / "other", "--steps", "2", "--init", "layers:1")
+    assert not_a_head.returncode == 2 and "expected head:default or head:DIR" in not_a_head.stderr
+
     prompt = [5, 17, 33, 5, 17]
     for mode in ("sync", "pipeinfer"):
         with load_engine(tiny_text_model, f"head:{out}", 2, mode, min_accept_prob=0.0) as engine:
@@ -207,7 +221,8 @@ def test_training_answers_run_past_end_of_text(tiny_text_model, tmp_path):
     nor masks it), and each answer is the target's own greedy text."""
     import shutil
 
-    from draft_models.distill import TrainConfig, generate_data, training_prompts
+    from draft_models.distill import TrainConfig, generate_data
+    from draft_models.training_prompts import training_prompts
 
     model = tmp_path / "m"
     shutil.copytree(tiny_text_model, model)
@@ -222,6 +237,39 @@ def test_training_answers_run_past_end_of_text(tiny_text_model, tmp_path):
         assert answer == greedy_reference(model, conversation.token_ids[:conversation.prompt_len].tolist(), 8)
     assert data[0].token_ids.tolist() == probe.token_ids.tolist() and first in data[0].token_ids[probe.prompt_len:]
     assert len(training_prompts()) >= 2000
+
+
+def test_training_prompts_are_two_blocks_without_a_bench_prompt():
+    """The templates' block first (the shipped head's first run trained on it
+    alone), then the free-form block; a tenth of each held out; none of the
+    bench's prompts, so the bench measures prompts the head never saw."""
+    from draft_models.distill import TrainConfig
+    from draft_models.training_prompts import REQUEST_BLOCK, held_out, training_prompts
+    from loadtests.bench import PROMPT_SETS, load_prompts
+
+    texts = [m[0]["content"] for m in training_prompts()]
+    assert len(texts) == 6144 + REQUEST_BLOCK and len(set(texts)) == len(texts)
+    assert texts[0] == "Write a short paragraph about the Cold War."  # the templates' fixed order
+    bench = {content for name in PROMPT_SETS for prompt in load_prompts(name) for _, content in prompt}
+    assert bench and not bench & set(texts)
+    assert held_out(len(texts)) == list(range(614)) + list(range(6144, 6144 + REQUEST_BLOCK // 10))
+    assert held_out(16) == [0] and held_out(6145) == list(range(614)) + [6144]
+    with pytest.raises(ValueError, match="--num-prompts at most"):
+        TrainConfig(num_prompts=len(texts) + 1).check()
+
+
+def test_a_data_part_from_other_prompts_is_refused(tiny_text_model, tmp_path, monkeypatch):
+    """Each part's key holds a fingerprint of its prompts: data written
+    before the prompt set changed is not read as the new set's."""
+    import draft_models.distill as distill
+
+    config = distill.TrainConfig(num_prompts=2, max_new_tokens=4, sampled_share=0.0)
+    written = distill.generate_data(config, tiny_text_model, (1,), False, tmp_path)
+    assert len(distill.generate_data(config, tiny_text_model, (1,), False, tmp_path)) == len(written) == 2
+    prompts = distill.training_prompts()
+    monkeypatch.setattr(distill, "training_prompts", lambda: prompts[1:])
+    with pytest.raises(ValueError, match="other settings"):
+        distill.generate_data(config, tiny_text_model, (1,), False, tmp_path)
 
 
 @pytest.mark.slow
