@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"run in simulated time on a modelled cluster: {', '.join(PROFILES)}, or a profile .json "
                             "(what --calibrate writes); the profile sets the stages")
     bench.add_argument("--prompts", default=None,
-                       help="a shipped set (extractive, chat: conversations through the chat template), or a file: "
+                       help="a shipped set (extractive, chat, everyday: conversations through the chat template), or a file: "
                             "one prompt per line, or JSONL with a \"prompt\" string or a \"messages\" list "
                             "(default: 5 built-in raw prompts)")
     bench.add_argument("--max-tokens", type=int, default=defaults["max_tokens"],

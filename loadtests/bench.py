@@ -48,7 +48,7 @@ DEFAULT_PROMPTS = (
 )
 BASELINE_KINDS = "vllm, vllm-ngram, vllm-draft:PATH"
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
-PROMPT_SETS = ("extractive", "chat")  # PROMPT_DIR/NAME.jsonl: written for this project
+PROMPT_SETS = ("extractive", "chat", "everyday")  # PROMPT_DIR/NAME.jsonl: written for this project
 Prompt = str | tuple[tuple[str, str], ...]  # raw text, or a conversation of (role, content)
 
 

@@ -148,7 +148,7 @@ def test_shipped_prompt_sets_are_conversations(tiny_text_model):
             assert len(prompts) >= 8 and all(isinstance(p, tuple) and p[0][0] == "user" for p in prompts)
             ids = encode_prompt(engine, prompts[0])
             assert engine.decode(ids).endswith("assistant\n")  # ready for the assistant's turn
-    with pytest.raises(ValueError, match="shipped sets: extractive, chat"):
+    with pytest.raises(ValueError, match="shipped sets: extractive, chat, everyday"):
         load_prompts("nonsense")
 
 
