@@ -275,11 +275,12 @@ def test_a_data_part_from_other_prompts_is_refused(tiny_text_model, tmp_path, mo
 @pytest.mark.slow
 @pytest.mark.parametrize("stages", [1, 2])
 def test_the_shipped_head_is_lossless_and_guesses_well(default_model, stages):
-    """The default model with head:default on chat prompts: the target's
-    greedy text, and guesses accepted (sync mode, 4 guesses a run): over
-    both, more than 1.5 tokens a verification (a head that guesses nothing
-    right gives 1; one prompt alone varies, 1.39 and 2.13 here)."""
-    messages = [[{"role": "user", "content": "Why do cats purr?"}],
+    """The default model with head:default on two chat prompts it never
+    trained on: the target's greedy text, and guesses accepted (sync mode,
+    4 guesses a run): over both, more than 1.5 tokens a verification (a head
+    that guesses nothing right gives 1; one prompt alone varies, 1.39 to
+    1.88 over the everyday set's prompts)."""
+    messages = [[{"role": "user", "content": "What should I pack for a weekend hiking trip in the mountains?"}],
                 [{"role": "user", "content": "Give me two tips for learning to cook."}]]
     generated = verifications = 0
     with load_engine(default_model, "head:default", stages, Mode.SYNC, draft_len=4) as engine:
