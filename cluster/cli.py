@@ -19,7 +19,7 @@ from compute.stage_model import DTYPES
 from compute.types import SamplingParams
 from draft_models import DRAFT_HELP, DraftSpecError
 from loadtests import pair
-from loadtests.bench import BenchConfig
+from loadtests.bench import PROMPT_SETS, BenchConfig, load_prompts
 from pipeline.engine import TRANSPORTS, Engine, EngineConfig, GenerationError
 from pipeline.sim_profiles import PROFILES
 from pipeline.speculation import SpeculationConfig
@@ -238,6 +238,9 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts,
                         help="prompts the target answers: the first N of the project's chat prompt set "
                         "(draft_models/training_prompts.py); a tenth of each of its two blocks held out")
+    parser.add_argument("--target-prompts", type=int, default=defaults.target_prompts,
+                        help="more prompts, written by the target itself (it continues a list of the set's written "
+                        "requests with one more), answered after the first --num-prompts; a tenth held out")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens per answer")
     parser.add_argument("--sampled-share", type=float, default=defaults.sampled_share,
                         help="share of answers sampled (temperature 0.7) rather than greedy")
@@ -258,6 +261,11 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: cuda where present, else cpu)")
 
 
+def _bench_prompt_texts() -> tuple[str, ...]:
+    """What the shipped bench sets ask: train-draft's target-written prompts may not be one of them."""
+    return tuple(content for name in PROMPT_SETS for prompt in load_prompts(name) for _, content in prompt)
+
+
 def _train_draft(args: argparse.Namespace) -> int:
     import torch
 
@@ -266,6 +274,7 @@ def _train_draft(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = TrainConfig(model=args.model, out_dir=args.out, num_prompts=args.num_prompts,
+                         target_prompts=args.target_prompts, reserved=_bench_prompt_texts(),
                          max_new_tokens=args.max_new_tokens, sampled_share=args.sampled_share, steps=args.steps,
                          batch=args.batch, depth=args.depth, draft_vocab=args.draft_vocab, soft_weight=args.soft_weight, lr=args.lr,
                          init=args.init, eval_every=args.eval_every, seed=args.seed, device=str(torch_device(device)))

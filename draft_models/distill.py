@@ -26,6 +26,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,13 +41,16 @@ from compute.stage_model import StageModel
 from compute.threads import on_passing_thread
 from draft_models.head import WEIGHTS_FILE, DraftHead, HeadConfig, checked_head_dir, read_head_config, target_embedding
 from draft_models.spec import parse_draft
-from draft_models.training_prompts import SET_SIZE, held_out, training_prompts
+from draft_models.training_prompts import SET_SIZE, Messages, held_out, training_prompts, writing_asks
 
 log = logging.getLogger(__name__)
 
 DATA_DIR = "data"  # the generated data, a part file per SHARD_PROMPTS prompts
 SHARD_PROMPTS = 512
 SAMPLED_TEMPERATURE = 0.7  # of the answers sampled rather than greedy
+WRITTEN_FILE = "written.json"  # in DATA_DIR: the requests the target wrote (--target-prompts)
+WRITE_TOKENS = 40  # most tokens of a request the target writes
+WRITE_TEMPERATURE = 0.7  # its requests are sampled, for variety
 SOFT_TOP_K = 8
 CHECKPOINT_FILE = "checkpoint.pt"
 PLOT_FILE = "training.png"
@@ -58,6 +62,10 @@ class TrainConfig:
     model: str = "default"
     out_dir: Path = Path("head")
     num_prompts: int = 8192  # the project's prompt set (training_prompts), all of it; a tenth of each block held out
+    target_prompts: int = 0  # requests the target writes itself (writing_asks), answered after those; a tenth held out
+    # Requests the target may not write (the command line passes the bench's, so that the
+    # bench measures prompts the head never saw): one it writes is replaced by its ask's example.
+    reserved: tuple[str, ...] = ()
     max_new_tokens: int = 128
     sampled_share: float = 0.25  # batches of continuations sampled (SAMPLED_TEMPERATURE) instead of greedy
     gen_batch: int = 64  # answers generated together, in one forward per step
@@ -73,8 +81,10 @@ class TrainConfig:
     device: str = "cpu"
 
     def check(self) -> None:
-        if self.num_prompts < 2 or self.max_new_tokens < 4 or self.steps < 1 or self.batch < 1:
-            raise ValueError("--num-prompts >= 2, --max-new-tokens >= 4, --steps >= 1 and --batch >= 1")
+        if min(self.num_prompts, self.target_prompts) < 0 or self.num_prompts + self.target_prompts < 2:
+            raise ValueError("--num-prompts and --target-prompts >= 0, and two prompts at least in all")
+        if self.max_new_tokens < 4 or self.steps < 1 or self.batch < 1:
+            raise ValueError("--max-new-tokens >= 4, --steps >= 1 and --batch >= 1")
         if not 1 <= self.depth <= 16 or self.draft_vocab < 2 or not 0 <= self.sampled_share <= 1:
             raise ValueError("--depth in 1..16, --draft-vocab >= 2, sampled share in [0, 1]")
         if not 0 <= self.soft_weight <= 1:
@@ -112,8 +122,19 @@ def generate_data(config: TrainConfig, model_dir: Path, feature_layers: tuple[in
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = None  # loaded for the first part to generate
+    model = None  # loaded when first needed
+
+    def target() -> StageModel:
+        nonlocal model
+        if model is None:
+            model = on_passing_thread(lambda: StageModel.load(
+                model_dir, 0, load_config(model_dir).num_hidden_layers, with_embed=True, with_head=True,
+                device=torch.device(config.device)).pack_weights())
+        return model
+
     prompts = training_prompts()[:config.num_prompts]
+    if config.target_prompts:
+        prompts += written_prompts(config, tokenizer, target, show_progress, data_dir)
     conversations: list[Conversation] = []
     bar = tqdm(total=len(prompts), desc="target writes", unit="prompt", disable=not show_progress)
     for part, first_prompt in enumerate(range(0, len(prompts), SHARD_PROMPTS)):
@@ -128,16 +149,12 @@ def generate_data(config: TrainConfig, model_dir: Path, feature_layers: tuple[in
             conversations += saved["conversations"]
             bar.update(len(saved["conversations"]))
             continue
-        if model is None:
-            model = on_passing_thread(lambda: StageModel.load(
-                model_dir, 0, load_config(model_dir).num_hidden_layers, with_embed=True, with_head=True,
-                device=torch.device(config.device)).pack_weights())
         written: list[Conversation] = []
         for first in range(first_prompt, min(first_prompt + SHARD_PROMPTS, len(prompts)), config.gen_batch):
             batch = prompts[first:min(first + config.gen_batch, first_prompt + SHARD_PROMPTS, len(prompts))]
             token_ids = [tokenizer(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
                                    add_special_tokens=False)["input_ids"] for m in batch]
-            written += _generate_batch(config, model, token_ids, first, feature_layers)
+            written += _generate_batch(config, target(), token_ids, first, feature_layers)
             bar.update(len(batch))
         if shard is not None:
             shard.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +163,71 @@ def generate_data(config: TrainConfig, model_dir: Path, feature_layers: tuple[in
         conversations += written
     bar.close()
     return conversations
+
+
+def written_prompts(config: TrainConfig, tokenizer, target: Callable[[], StageModel], show_progress: bool = True,
+                    data_dir: Path | None = None) -> list[Messages]:
+    """config.target_prompts requests written by the target, one per ask
+    (writing_asks: a list of requests it continues with one, sampled, up to
+    its line's end); one too short to be a request (under three words) is
+    replaced by the ask's first example, as is one of config.reserved. With
+    data_dir, kept in WRITTEN_FILE as they come, a batch at a time: a rerun
+    goes on where they stop."""
+    asks = writing_asks(config.target_prompts)
+    key = {"model": config.model, "seed": config.seed, "gen_batch": config.gen_batch, "asks": _fingerprint(asks),
+           "sampling": [WRITE_TOKENS, WRITE_TEMPERATURE]}
+    path = None if data_dir is None else data_dir / WRITTEN_FILE
+    texts: list[str] = []
+    if path is not None and path.exists():
+        saved = json.loads(path.read_text())
+        if saved["key"] != key:
+            raise ValueError(f"{path} was written with other settings ({saved['key']}); "
+                             "use a new --out or delete its data")
+        texts = saved["texts"]
+    stops = set(tokenizer.all_special_ids) | {i for i in tokenizer.get_vocab().values() if "\n" in tokenizer.decode([i])}
+    bar = tqdm(total=len(asks), initial=len(texts), desc="target asks", unit="prompt", disable=not show_progress)
+    for first in range(len(texts), len(asks), config.gen_batch):
+        batch = asks[first:first + config.gen_batch]
+        token_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in batch]
+        generator = torch.Generator().manual_seed(config.seed * 7919 + first)
+        for (_, example), row in zip(batch, _write_batch(target(), token_ids, generator, stops)):
+            ends = [i for i, t in enumerate(row) if t in stops]
+            text = tokenizer.decode(row[:ends[0] if ends else len(row)]).strip()
+            texts.append(text if len(text.split()) >= 3 else example)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".tmp").write_text(json.dumps({"key": key, "texts": texts}))
+            path.with_suffix(".tmp").replace(path)
+        bar.update(len(batch))
+    bar.close()
+    reserved = {text.strip().lower() for text in config.reserved}
+    return [[{"role": "user", "content": example if text.lower() in reserved else text}]
+            for text, (_, example) in zip(texts, asks)]
+
+
+@torch.inference_mode()
+def _write_batch(model: StageModel, prompts: list[list[int]], generator: torch.Generator,
+                 stops: set[int]) -> list[list[int]]:
+    """Up to WRITE_TOKENS sampled tokens after each prompt, in one forward
+    per step, until every row has written a stop token."""
+    width = model.config.hidden_size
+    kvs = [DraftKV(model.num_layers) for _ in prompts]
+    hiddens = [model.embed(p) for p in prompts]
+    rows: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    for _ in range(WRITE_TOKENS):
+        outs = model.forward_batch(hiddens, kvs)
+        for kv, hidden in zip(kvs, hiddens):
+            kv.advance(hidden.shape[1])
+        logits = model.logits(torch.cat([out[:, -1:, :width] for out in outs], dim=1))
+        chosen = torch.multinomial(torch.softmax(logits / WRITE_TEMPERATURE, -1), 1, generator=generator)[:, 0]
+        for i, token in enumerate(chosen.tolist()):
+            rows[i].append(token)
+            stopped[i] = stopped[i] or token in stops
+        if all(stopped):
+            break
+        hiddens = [model.embed([token]) for token in chosen.tolist()]
+    return rows
 
 
 @torch.inference_mode()
@@ -368,7 +450,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> dict:
                          f"train-draft records {shape.feature_layers}")
     started = time.monotonic()
     conversations = generate_data(config, model_dir, shape.feature_layers, show_progress, out / DATA_DIR)
-    held = set(held_out(len(conversations)))
+    held = set(held_out(config.num_prompts, config.target_prompts))
     train_set = [c for i, c in enumerate(conversations) if i not in held]
     held_set = [c for i, c in enumerate(conversations) if i in held]
     head_config = start_config or HeadConfig(**{**asdict(shape), "draft_vocab": draft_vocabulary(

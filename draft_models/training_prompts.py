@@ -12,6 +12,12 @@ other requests (1.6-1.9); the second is there for that (fine-tuned on
 both: 1.91 -> 2.15 on held-out free-form answers, but only 1.96 -> 1.99 and
 1.60 -> 1.69 on the bench's chat and everyday prompts, which nobody wrote for
 training). A tenth of each block, from its start, is held out.
+
+`train-draft --target-prompts N` adds a third block that the target writes
+itself: given a list of four of the written requests, it continues the
+list with one more, sampled, and that request is then answered like the
+others. Nobody wrote those requests, so they reach phrasings and tasks no
+list here has.
 """
 
 from __future__ import annotations
@@ -580,9 +586,10 @@ BLOCKS = (len(_TOPICS) * len(_TEMPLATES), REQUEST_BLOCK)  # the blocks' sizes, i
 SET_SIZE = sum(BLOCKS)
 
 
-def held_out(count: int) -> list[int]:
-    """The indices held out among the set's first `count` prompts: the
-    first tenth of each block there (at least one)."""
+def held_out(count: int, written: int = 0) -> list[int]:
+    """The indices held out among the set's first `count` prompts followed
+    by `written` target-written ones: the first tenth of each block there
+    (at least one)."""
     held, start = [], 0
     for size in BLOCKS:
         present = min(size, count - start)
@@ -590,4 +597,25 @@ def held_out(count: int) -> list[int]:
             break
         held += range(start, start + max(1, present // 10))
         start += size
+    if written:
+        held += range(count, count + max(1, written // 10))
     return held
+
+
+# How the target is asked to write a request of its own (--target-prompts):
+# a list it continues, begun with a few of _REQUESTS (a small model imitates
+# examples far better than it follows an instruction to write a request).
+WRITING_HEADER = "Messages people sent to an AI assistant:\n"
+WRITING_EXAMPLES = 4
+
+
+def writing_asks(count: int) -> list[tuple[str, str]]:
+    """The first `count` asks for target-written requests: (raw text, ending
+    where the next request goes; the first example, a request to use if
+    the target writes none), each with its own examples."""
+    asks = []
+    for i in range(count):
+        examples = random.Random(5678 + i).sample(_REQUESTS, WRITING_EXAMPLES)
+        listed = "".join(f"{n}. {example}\n" for n, example in enumerate(examples, 1))
+        asks.append((f"{WRITING_HEADER}{listed}{WRITING_EXAMPLES + 1}.", examples[0]))
+    return asks

@@ -196,10 +196,12 @@ def test_train_draft_end_to_end_resumes_and_serves(tiny_text_model, tmp_path):
     assert changed.returncode == 2 and "other settings" in changed.stderr
 
     # Fine-tuning starts from the head's weights and keeps its draft vocabulary
-    # (at lr 0 it is the same head), reusing nothing of its run but the head.
+    # (at lr 0 it is the same head), reusing nothing of its run but the head;
+    # here on requests the target wrote alone.
     tuned = train_draft(tiny_text_model, tmp_path / "tuned", "--steps", "2", "--lr", "0", "--draft-vocab", "32",
-                        "--init", f"head:{out}")
+                        "--init", f"head:{out}", "--num-prompts", "0", "--target-prompts", "8")
     assert tuned.returncode == 0, tuned.stderr[-2000:]
+    assert len(json.loads((tmp_path / "tuned" / "data" / "written.json").read_text())["texts"]) == 8
     assert read_head_config(tmp_path / "tuned") == read_head_config(out)
     tuned_weights, weights = (load_file(str(d / "head.safetensors")) for d in (tmp_path / "tuned", out))
     assert tuned_weights.keys() == weights.keys() and all(torch.equal(tuned_weights[k], weights[k]) for k in weights)
@@ -258,6 +260,48 @@ def test_training_prompts_are_two_blocks_without_a_bench_prompt():
         TrainConfig(num_prompts=len(texts) + 1).check()
 
 
+def test_target_written_prompts_come_after_the_set_and_resume(tiny_text_model, tmp_path):
+    """--target-prompts: the target writes a request per ask (continuing a
+    list of written requests, up to its line's end), kept as they come (a
+    rerun goes on where they stopped, with the same requests), and they are
+    answered after the project's prompts, a tenth of their block held out;
+    other settings are refused, not mixed in."""
+    import draft_models.distill as distill
+    from draft_models.training_prompts import held_out, training_prompts, writing_asks
+
+    config = distill.TrainConfig(num_prompts=2, target_prompts=5, max_new_tokens=4, sampled_share=0.0, gen_batch=2)
+    data = distill.generate_data(config, tiny_text_model, (1,), False, tmp_path)
+    written = tmp_path / distill.WRITTEN_FILE
+    texts = json.loads(written.read_text())["texts"]
+    assert len(data) == 7 and len(texts) == 5 and all(len(t.split()) >= 3 and "\n" not in t for t in texts)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_model)
+    prompts = [tokenizer.decode(c.token_ids[:c.prompt_len]) for c in data]
+    assert training_prompts()[0][0]["content"] in prompts[0] and texts[0] in prompts[2] and texts[4] in prompts[6]
+
+    saved = json.loads(written.read_text())
+    written.write_text(json.dumps({**saved, "texts": saved["texts"][:2]}))  # as if stopped after a batch
+    again = distill.generate_data(config, tiny_text_model, (1,), False, tmp_path)
+    assert json.loads(written.read_text())["texts"] == texts and len(again) == 7
+    with pytest.raises(ValueError, match="other settings"):
+        distill.generate_data(dataclasses.replace(config, target_prompts=6), tiny_text_model, (1,), False, tmp_path)
+
+    # One that is a bench prompt is replaced by its ask's example (the command line reserves the bench's).
+    from cluster.cli import _bench_prompt_texts
+
+    reserved = dataclasses.replace(config, reserved=(f" {texts[1]} ", "What is the capital of France?"))
+    again = distill.written_prompts(reserved, tokenizer, lambda: pytest.fail("all written"), False, tmp_path)
+    assert [m[0]["content"] for m in again] == [texts[0], writing_asks(5)[1][1], *texts[2:]]
+    assert "What is the capital of France?" in _bench_prompt_texts()
+
+    assert held_out(2, 5) == [0, 2] and held_out(0, 30) == [0, 1, 2]
+    (ask, example), other = writing_asks(2)
+    assert ask.endswith("\n5.") and f"1. {example}\n" in ask and other[0] != ask
+    assert {c[0]["content"] for c in training_prompts()} >= {e for _, e in writing_asks(50)}  # examples: the set's
+    with pytest.raises(ValueError, match="two prompts"):
+        distill.TrainConfig(num_prompts=0, target_prompts=1).check()
+
+
 def test_a_data_part_from_other_prompts_is_refused(tiny_text_model, tmp_path, monkeypatch):
     """Each part's key holds a fingerprint of its prompts: data written
     before the prompt set changed is not read as the new set's."""
@@ -278,8 +322,8 @@ def test_the_shipped_head_is_lossless_and_guesses_well(default_model, stages):
     """The default model with head:default on two chat prompts it never
     trained on: the target's greedy text, and guesses accepted (sync mode,
     4 guesses a run): over both, more than 1.5 tokens a verification (a head
-    that guesses nothing right gives 1; one prompt alone varies, 1.39 to
-    1.88 over the everyday set's prompts)."""
+    that guesses nothing right gives 1; one prompt alone varies: 1.4 to
+    1.9 over the everyday set's prompts with the previous head)."""
     messages = [[{"role": "user", "content": "What should I pack for a weekend hiking trip in the mountains?"}],
                 [{"role": "user", "content": "Give me two tips for learning to cook."}]]
     generated = verifications = 0
