@@ -143,9 +143,7 @@ def generate_data(config: TrainConfig, model_dir: Path, feature_layers: tuple[in
                "prompts": _fingerprint(prompts[first_prompt:first_prompt + SHARD_PROMPTS])}
         if shard is not None and shard.exists():
             saved = torch.load(shard, weights_only=False)
-            if saved["key"] != key:
-                raise ValueError(f"{shard} was generated with other settings ({saved['key']}); "
-                                 "use a new --out or delete its data")
+            _check_data_key(shard, saved["key"], key)
             conversations += saved["conversations"]
             bar.update(len(saved["conversations"]))
             continue
@@ -180,11 +178,12 @@ def written_prompts(config: TrainConfig, tokenizer, target: Callable[[], StageMo
     texts: list[str] = []
     if path is not None and path.exists():
         saved = json.loads(path.read_text())
-        if saved["key"] != key:
-            raise ValueError(f"{path} was written with other settings ({saved['key']}); "
-                             "use a new --out or delete its data")
+        _check_data_key(path, saved["key"], key)
         texts = saved["texts"]
-    stops = set(tokenizer.all_special_ids) | {i for i in tokenizer.get_vocab().values() if "\n" in tokenizer.decode([i])}
+    # Where a request ends: a special token or one holding a line break (decoding the
+    # whole vocabulary once, so only when there is something to write).
+    stops = set() if len(texts) == len(asks) else (
+        set(tokenizer.all_special_ids) | {i for i in tokenizer.get_vocab().values() if "\n" in tokenizer.decode([i])})
     bar = tqdm(total=len(asks), initial=len(texts), desc="target asks", unit="prompt", disable=not show_progress)
     for first in range(len(texts), len(asks), config.gen_batch):
         batch = asks[first:first + config.gen_batch]
@@ -525,6 +524,12 @@ def _lr(config: TrainConfig, step: int) -> float:
 def _data_key(config: TrainConfig) -> dict:
     return {k: str(v) for k, v in asdict(config).items()
             if k in ("model", "max_new_tokens", "sampled_share", "gen_batch", "seed")}
+
+
+def _check_data_key(path: Path, saved: dict, key: dict) -> None:
+    """Data in `path` was generated under `saved`; it is read only for the same settings."""
+    if saved != key:
+        raise ValueError(f"{path} was generated with other settings ({saved}); use a new --out or delete its data")
 
 
 def _fingerprint(prompts: list[list[dict[str, str]]]) -> str:
