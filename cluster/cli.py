@@ -15,6 +15,7 @@ from cluster.layout import format_table
 from cluster.spec import DEFAULT_NAME, SpecError
 from compute.backend import DEVICE_HELP
 from compute.model_source import ModelSourceError
+from compute.quant import QUANTIZE_CHOICES, QUANTIZE_HELP
 from compute.stage_model import DTYPES
 from compute.types import SamplingParams
 from draft_models import DRAFT_HELP, DraftSpecError
@@ -156,6 +157,7 @@ def _add_engine_args(parser: argparse.ArgumentParser, with_mode: bool = True) ->
                         help="ray transport: 'auto' or an address joins a running cluster (default: a private local Ray)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=engine.dtype,
                         help="compute dtype (bfloat16 or float16 on a GPU)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=engine.quantize, help=QUANTIZE_HELP)
     parser.add_argument("--device", default=engine.device,
                         help=f"where every stage computes: {DEVICE_HELP} (default {engine.device})")
     parser.add_argument("--stage-cpus", type=int, default=engine.stage_cpus,
@@ -182,7 +184,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
                                     max_runs_in_flight=args.max_in_flight, min_accept_prob=args.min_accept_prob,
                                     prefill_chunk=args.prefill_chunk)
     return EngineConfig(model=args.model, draft=args.draft, num_stages=args.stages, dtype=args.dtype, device=args.device,
-                        transport=args.transport, ray_address=args.ray_address,
+                        quantize=args.quantize, transport=args.transport, ray_address=args.ray_address,
                         kv_budget_bytes=args.kv_budget_bytes, stage_cpus=args.stage_cpus,
                         draft_cpus=args.draft_cpus, speculation=speculation, simulate=getattr(args, "simulate", None))
 

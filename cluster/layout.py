@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.spec import ClusterSpec, SpecError
-from compute.model_source import resolve_model
+from compute.model_source import gguf_source, resolve_model
 from compute.stage_model import DTYPES
 from draft_models import parse_draft
 from draft_models.factory import draft_model_dir, head_path
@@ -56,7 +56,7 @@ def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLay
         params += costs.embed_params if is_first else 0
         if is_last:  # a single stage holds a tied matrix once
             params += costs.head_params - (costs.embed_params if is_first and costs.is_tied else 0)
-        memory = params * DTYPES[dtype].itemsize
+        memory = int(params * bytes_per_weight(model_dir, spec.quantize, dtype))
         compute = sum(costs.layer_params[start:end]) + (costs.head_params if is_last else 0) + extra.get(index, 0)
         limit = int(stage.memory_gb * GB) if stage.memory_gb else None
         plan = StagePlan(start, end, num_cpus=stage.num_cpus or cpus, resources=dict(stage.resources), dtype=dtype,
@@ -70,6 +70,17 @@ def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLay
             f"{(l.memory_bytes - l.memory_limit_bytes) / MB:.0f} MB too much"
             for i, l in too_big))
     return layouts
+
+
+def bytes_per_weight(model_dir: Path, quantize: str, dtype: str) -> float:
+    """What a stage holds a weight in, for the memory estimate: a GGUF's own
+    average, int4's 4 bits and a bf16 scale and zero per 32, int8's byte."""
+    source = gguf_source(model_dir)
+    if quantize in ("auto", "gguf") and source is not None:
+        costs = model_costs(model_dir)
+        return source.stat().st_size / (sum(costs.layer_params) + costs.embed_params + costs.head_params
+                                        - (costs.embed_params if costs.is_tied else 0))
+    return {"int4": 0.625, "int8": 1.0}.get(quantize, DTYPES[dtype].itemsize)
 
 
 def _draft_params(text: str, costs: ModelCosts, model_dir: Path) -> int:

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from compute.backend import DEVICE_HELP, check_device_name
+from compute.quant import QUANTIZE_CHOICES, QUANTIZE_HELP
 from compute.stage_model import DTYPES
 from draft_models import DRAFT_HELP, parse_draft
 from pipeline.engine import EngineConfig
@@ -118,6 +119,8 @@ class ClusterSpec(_Strict):
     draft: str = Field(_ENGINE.draft, description=f"The draft. {DRAFT_HELP}.")
     dtype: DType = Field(_ENGINE.dtype, description="Default compute dtype (bfloat16 or float16 on a GPU).")
     device: str = Field(_ENGINE.device, description=f"Default device of the stages: {DEVICE_HELP}.")
+    quantize: Literal[QUANTIZE_CHOICES] = Field(_ENGINE.quantize, description=(
+        f"How every stage holds the weights: {QUANTIZE_HELP.removeprefix('weights as the stages hold them: ')}."))
     speculation: SpeculationSpec = Field(default_factory=SpeculationSpec)
     stages: int | list[StageSpec] = Field(_ENGINE.num_stages, description="A count (split automatically) or one entry per stage.")
     stage_memory_gb: float | None = Field(None, gt=0, description="With a stage count: memory each stage may use.")

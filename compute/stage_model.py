@@ -21,7 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM
 
 from compute.backend import LayerKV
-from compute.model_source import check_supported, load_config
+from compute.model_source import check_supported, gguf_source, load_config
+from compute.quant import QUANTIZED, Int4Linear, Int8Embedding, Int8Linear, QuantizeError, check_quantize
 
 # Compute dtypes by name (CLI, YAML, per-stage plans).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,6 +48,8 @@ class StageModel(nn.Module):
         self.norm = norm
         self.lm_head = lm_head
         self.rotary_emb: nn.Module | None = None  # set by load(); never on meta
+        self.quantize = "none"  # set by load(): gguf | int4 | int8 | none
+        self._dtype = torch.float32  # of the hidden states (the residual stream); set by load()
 
     @property
     def layer_end(self) -> int:
@@ -66,15 +69,29 @@ class StageModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
         return next(iter(self.parameters())).device
 
     def parameter_bytes(self) -> int:
-        packed = sum(m.weight_bytes for m in self.modules() if isinstance(m, PackedLinear))
-        return packed + sum(p.numel() * p.element_size() for p in self.parameters())
+        held = sum(m.weight_bytes for m in self.modules() if isinstance(m, (PackedLinear, *QUANTIZED)))
+        return held + sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def weight_format(self) -> dict:
+        """How this stage holds its weights: the quantization, each format's
+        matrix count, and bytes a weight over every weight it holds."""
+        formats: dict[str, int] = {}
+        num_weights = 0
+        for m in self.modules():
+            if isinstance(m, (PackedLinear, nn.Linear, *QUANTIZED)):
+                name = f"dense {str(m.weight.dtype).removeprefix('torch.')}" if isinstance(m, nn.Linear) else m.format
+                formats[name] = formats.get(name, 0) + 1
+                num_weights += m.in_features * m.out_features
+        num_weights += sum(p.numel() for p in self.parameters() if not _is_linear_weight(self, p))
+        return {"quantize": self.quantize, "formats": formats, "weight_bytes": self.parameter_bytes(),
+                "num_weights": num_weights, "bytes_per_weight": round(self.parameter_bytes() / max(num_weights, 1), 4)}
 
     def pack_weights(self) -> StageModel:
         """Every linear layer (the head too) with its weight packed once for
@@ -98,8 +115,12 @@ class StageModel(nn.Module):
         with_head: bool,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        quantize: str = "none",
     ) -> StageModel:
+        """quantize: how the matrices are held (compute/quant.py): `auto` is
+        `gguf` for a model converted from a GGUF, `none` otherwise."""
         model_dir = Path(model_dir)
+        quantize = resolve_quantize(model_dir, quantize, torch.device(device))
         config = load_config(model_dir)
         check_supported(config)
         num_layers = config.num_hidden_layers
@@ -116,12 +137,27 @@ class StageModel(nn.Module):
             inner.norm if with_head else None,
             skeleton.lm_head if with_head else None,
         )
+        stage.quantize, stage._dtype = quantize, dtype
         key_map = stage._checkpoint_keys(config)
+        if quantize != "none":  # the matrices come quantized, below: read only the rest
+            key_map = {local: ckpt for local, ckpt in key_map.items() if not _is_matrix(local)}
         tensors = read_safetensors(model_dir, set(key_map.values()))
         state = {local: tensors[ckpt].to(device, dtype) for local, ckpt in key_map.items()}
-        stage.load_state_dict(state, strict=True, assign=True)
-        if with_embed and with_head and getattr(config, "tie_word_embeddings", False):
+        stage.load_state_dict(state, strict=quantize == "none", assign=True)
+        tied = getattr(config, "tie_word_embeddings", False)
+        if with_embed and with_head and tied and quantize == "none":
             stage.lm_head.weight = stage.embed_tokens.weight  # one tensor, as in the checkpoint
+        source = _MatrixSource(model_dir, config, quantize)
+        for local_index, layer in enumerate(stage.layers):
+            source.fuse_layer(layer, f"model.layers.{layer_start + local_index}.")
+        if quantize != "none":
+            # The embedding is a lookup of int8 rows; a tied head is the same
+            # Int8Linear in every split (so every split computes one target).
+            head = source.linear(["lm_head"], force_int8=tied) if with_head else None
+            if with_embed:
+                table = head if tied and head is not None else source.linear(["model.embed_tokens"], force_int8=True)
+                stage.embed_tokens = Int8Embedding(table)
+            stage.lm_head = head
         stage.rotary_emb = type(inner.rotary_emb)(config=config).to(device)
         stage.eval()
         return stage
@@ -146,8 +182,8 @@ class StageModel(nn.Module):
     @torch.inference_mode()
     def embed(self, token_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
         """-> hidden [1, n, hidden_size]"""
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.embed_tokens.weight.device)
-        return self.embed_tokens(ids)
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        return self.embed_tokens(ids).to(self.dtype)
 
     @torch.inference_mode()
     def forward_layers(
@@ -195,7 +231,7 @@ class StageModel(nn.Module):
         return [None if out is None else _joined(out[0], carried[i], out[1:]) for i, out in enumerate(outs)]
 
     def _forward_batch(self, hiddens, kvs, cancelled, before_layer, capture) -> list[list[torch.Tensor] | None]:
-        segments = _packed([_Segment(i, h.shape[1], kv, *self._positions(h, kv))
+        segments = _packed([_Segment(i, h.shape[1], kv, self._rotary(h, kv))
                             for i, (h, kv) in enumerate(zip(hiddens, kvs))])
         hidden = torch.cat(hiddens, dim=1) if len(hiddens) > 1 else hiddens[0]
         cos, sin = (torch.cat(parts, dim=1) for parts in zip(*(seg.rotary for seg in segments)))
@@ -221,22 +257,102 @@ class StageModel(nn.Module):
             out[seg.index] = [hidden[:, seg.offset:seg.offset + seg.num_new], *captured[seg.index]]
         return out
 
-    def _positions(self, hidden: torch.Tensor, kv: LayerKV):
-        """A run's rotary (cos, sin) [1, n, head_dim] and its causal mask
-        (None for one token, which sees everything before it, and for a run
-        from position 0, whose causal attention SDPA does without a mask)."""
+    def _rotary(self, hidden: torch.Tensor, kv: LayerKV):
+        """A run's rotary (cos, sin) [1, n, head_dim], for positions [context_len, +n)."""
         num_new, start = hidden.shape[1], kv.context_len
         positions = torch.arange(start, start + num_new, device=hidden.device).unsqueeze(0)  # [1, n]
-        rotary = self.rotary_emb(hidden, positions)
-        mask = None
-        if num_new > 1 and start > 0:  # query i (position start+i) sees keys 0..start+i
-            mask = torch.arange(start + num_new, device=hidden.device).unsqueeze(0) <= positions.transpose(0, 1)
-        return rotary, mask
+        return self.rotary_emb(hidden, positions)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [1, n, H] -> logits [n, vocab] (float32, on the host)"""
         return self.lm_head(self.norm(hidden.to(self.device, self.dtype)))[0].float().cpu()
+
+
+def resolve_quantize(model_dir: Path, quantize: str, device: torch.device) -> str:
+    """auto -> gguf or none; a clear error for what this model or device cannot have."""
+    is_gguf = gguf_source(model_dir) is not None
+    quantize = check_quantize(quantize)
+    if quantize == "auto":
+        quantize = "gguf" if is_gguf else "none"
+    if quantize == "gguf" and not is_gguf:
+        raise QuantizeError(f"--quantize gguf: {model_dir} was not converted from a GGUF file")
+    if quantize in ("int4", "int8") and is_gguf:
+        raise QuantizeError(f"--quantize {quantize}: a GGUF model keeps its own quantization (gguf, or none for "
+                            "its dequantized float copy)")
+    if quantize != "none" and device.type != "cpu":
+        raise QuantizeError(f"--quantize {quantize}: quantized stages compute on the CPU; on {device} use "
+                            "--quantize none")
+    return quantize
+
+
+_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _is_matrix(local_name: str) -> bool:
+    """A weight matrix that a quantized stage holds quantized (a bias or a norm is not)."""
+    parts = local_name.split(".")
+    return parts[-1] == "weight" and (parts[-2] in _MATRICES or local_name in ("embed_tokens.weight",
+                                                                                "lm_head.weight"))
+
+
+def _is_linear_weight(stage: nn.Module, param: torch.Tensor) -> bool:
+    return any(isinstance(m, nn.Linear) and m.weight is param for m in stage.modules())
+
+
+class _MatrixSource:
+    """Where a stage's matrices come from and in what form: the loaded dense
+    modules (none), a GGUF's blocks (gguf), or the float checkpoint rounded
+    as it is read (int4, int8). Fuses q/k/v and gate/up along N: one weight
+    read, one op."""
+
+    def __init__(self, model_dir: Path, config, quantize: str) -> None:
+        self.model_dir, self.quantize = model_dir, quantize
+        self.gguf = None
+        if quantize == "gguf":
+            from compute.gguf_blocks import GGUFWeights
+
+            self.gguf = GGUFWeights(gguf_source(model_dir), config.num_attention_heads,
+                                    config.num_key_value_heads)
+
+    def fuse_layer(self, layer: nn.Module, prefix: str) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = self.linear([prefix + "self_attn." + n for n in ("q_proj", "k_proj", "v_proj")],
+                                    (attn.q_proj, attn.k_proj, attn.v_proj))
+        attn.o_proj = self.linear([prefix + "self_attn.o_proj"], (attn.o_proj,))
+        mlp.gate_up_proj = self.linear([prefix + "mlp." + n for n in ("gate_proj", "up_proj")],
+                                       (mlp.gate_proj, mlp.up_proj))
+        mlp.down_proj = self.linear([prefix + "mlp.down_proj"], (mlp.down_proj,))
+        del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+
+    def linear(self, names: list[str], dense: tuple[nn.Linear, ...] = (), force_int8: bool = False) -> nn.Module:
+        """The matrices `names` (checkpoint names without .weight) as one
+        module; `dense`: the stage's modules they replace (their biases are loaded)."""
+        bias = None if not dense or dense[0].bias is None else torch.cat([d.bias.detach() for d in dense])
+        if self.quantize == "none":
+            if len(dense) == 1:
+                return dense[0]
+            weight = torch.cat([d.weight.detach() for d in dense])
+            fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                              dtype=weight.dtype)
+            fused.weight = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                fused.bias = nn.Parameter(bias, requires_grad=False)
+            return fused
+        if self.gguf is not None:
+            module = self.gguf.linear(names, force_int8)
+        else:
+            weight = torch.cat([self._float(name) for name in names])
+            is_int8 = self.quantize == "int8" or force_int8 or names == ["lm_head"]
+            module = Int8Linear.quantize(weight) if is_int8 else Int4Linear.quantize(weight)
+        module.bias = bias
+        return module
+
+    def _float(self, name: str) -> torch.Tensor:
+        key = name + ".weight"
+        if name == "lm_head" and getattr(load_config(self.model_dir), "tie_word_embeddings", False):
+            key = "model.embed_tokens.weight"
+        return read_safetensors(self.model_dir, [key])[key]
 
 
 def can_pack(dtype: torch.dtype) -> bool:
@@ -264,6 +380,7 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_bytes = weight.numel() * weight.element_size()
+        self.format = f"dense {str(weight.dtype).removeprefix('torch.')}"
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
@@ -286,10 +403,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class _Segment:
     """One run's rows in a packed forward."""
 
-    __slots__ = ("index", "num_new", "kv", "rotary", "mask", "offset")
+    __slots__ = ("index", "num_new", "kv", "rotary", "offset")
 
-    def __init__(self, index: int, num_new: int, kv: LayerKV, rotary, mask) -> None:
-        self.index, self.num_new, self.kv, self.rotary, self.mask = index, num_new, kv, rotary, mask
+    def __init__(self, index: int, num_new: int, kv: LayerKV, rotary) -> None:
+        self.index, self.num_new, self.kv, self.rotary = index, num_new, kv, rotary
         self.offset = 0
 
 
@@ -303,32 +420,37 @@ def _packed(segments: list[_Segment]) -> list[_Segment]:
 
 
 def _decoder_layer(layer, idx, hidden, cos, sin, segments: list[_Segment]) -> torch.Tensor:
+    """One decoder layer over the packed rows hidden [1, N, H]. Every op
+    computes a row the same whatever rows are beside it (batch invariance):
+    the matmuls and norms reduce within a row, and attention runs a row at a
+    time over exactly the keys its position sees."""
     attn = layer.self_attn
-    num_new = hidden.shape[1]
-    head_shape = (1, num_new, -1, attn.head_dim)
+    num_new, dtype = hidden.shape[1], hidden.dtype
+    num_heads, num_kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+    eps = layer.input_layernorm.variance_epsilon
 
-    residual = hidden
-    x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).view(head_shape)  # [1, N, heads, d]
-    k = attn.k_proj(x).view(head_shape)  # [1, N, kv_heads, d]
-    v = attn.v_proj(x).view(head_shape).transpose(1, 2)  # [1, kv_heads, N, d]
+    x = F.rms_norm(hidden, hidden.shape[-1:], layer.input_layernorm.weight, eps)
+    qkv = attn.qkv_proj(x).to(dtype).view(1, num_new, -1, attn.head_dim)  # [1, N, heads + 2 kv_heads, d]
+    qk, v = qkv[:, :, :num_heads + num_kv_heads], qkv[:, :, num_heads + num_kv_heads:]
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+        qk = torch.cat([attn.q_norm(qk[:, :, :num_heads]), attn.k_norm(qk[:, :, num_heads:])], dim=2)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [1, N, 1, d]: broadcast over heads
+    qk = (qk * cos + _rotate_half(qk) * sin).transpose(1, 2)  # [1, heads + kv_heads, N, d]
+    q, k, v = qk[:, :num_heads], qk[:, num_heads:], v.transpose(1, 2)
     outs = []
-    for seg in segments:  # attention is per run: its own context, in order (a child after its parent)
-        rows = slice(seg.offset, seg.offset + seg.num_new)
-        k_all, v_all = seg.kv.extend(idx, k[:, :, rows], v[:, :, rows])  # [1, kv_heads, context+n, d]
-        is_causal = seg.mask is None and seg.num_new > 1  # a prompt from position 0: keys = queries
-        outs.append(F.scaled_dot_product_attention(q[:, :, rows], k_all, v_all, attn_mask=seg.mask,
-                                                   is_causal=is_causal, scale=attn.scaling, enable_gqa=True))
+    for seg in segments:  # a child run after its parent: its keys are written first
+        k_all, v_all = seg.kv.extend(idx, k[:, :, seg.offset:seg.offset + seg.num_new],
+                                     v[:, :, seg.offset:seg.offset + seg.num_new])  # [1, kv_heads, context+n, d]
+        context = seg.kv.context_len
+        for row in range(seg.offset, seg.offset + seg.num_new):
+            end = context + row - seg.offset + 1  # this position and every one before it
+            outs.append(F.scaled_dot_product_attention(q[:, :, row:row + 1], k_all[:, :, :end], v_all[:, :, :end],
+                                                       scale=attn.scaling, enable_gqa=True))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    out = out.transpose(1, 2).reshape(1, num_new, -1)  # [1, N, heads*d]
-    hidden = residual + attn.o_proj(out)
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(1, num_new, -1))
+    x = F.rms_norm(hidden, hidden.shape[-1:], layer.post_attention_layernorm.weight, eps)
+    gate, up = layer.mlp.gate_up_proj(x).chunk(2, dim=-1)
+    return hidden + layer.mlp.down_proj(F.silu(gate) * up)
 
 
 def read_safetensors(model_dir: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from compute.backend import check_device_name
 from compute.model_source import load_config, resolve_model
+from compute.quant import check_quantize
 from compute.stage_model import DTYPES
 from compute.types import Failure, FailureCode, GenerationRequest, SamplingParams
 from draft_models import parse_draft
@@ -46,6 +47,9 @@ class EngineConfig:
     num_stages: int = 1
     dtype: str = "float32"  # float32 on CPU keeps the split exact and is not slower here
     device: str = "cpu"  # every stage's, unless its plan names one: cpu | cuda[:N]
+    # How the stages hold the weights (compute/quant.py); one for every stage:
+    # they compute one target.
+    quantize: str = "auto"
     transport: str = "local"  # local | ray | mpi
     ray_address: str | None = None  # ray transport: None starts a local Ray; "auto" or an address joins one
     kv_budget_bytes: int | None = None  # per stage: new sequences are refused beyond it
@@ -69,12 +73,12 @@ class EngineConfig:
         spec = parse_draft(self.draft)
         head = str(head_path(spec, model_dir)) if spec.kind == "head" else None
         if self.stage_plans:
-            return tuple(dataclasses.replace(plan, device=plan.device or self.device, draft_head=head)
-                         for plan in self.stage_plans)
+            return tuple(dataclasses.replace(plan, device=plan.device or self.device, quantize=self.quantize,
+                                             draft_head=head) for plan in self.stage_plans)
         num_stages = get_profile(self.simulate).num_stages if self.simulate else self.num_stages
         cpus = self.stage_cpus or default_cores_per_stage(num_stages)
-        return tuple(dataclasses.replace(plan, num_cpus=cpus, device=self.device, draft_head=head)
-                     for plan in balanced_plans(model_dir, num_stages))
+        return tuple(dataclasses.replace(plan, num_cpus=cpus, device=self.device, quantize=self.quantize,
+                                         draft_head=head) for plan in balanced_plans(model_dir, num_stages))
 
     @property
     def draft_has_worker(self) -> bool:
@@ -90,6 +94,7 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         check_device_name(self.device)
+        check_quantize(self.quantize)
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if self.num_stages < 1:

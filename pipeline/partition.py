@@ -22,6 +22,7 @@ class StagePlan:
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray node resources, e.g. {"node_a": 1}
     dtype: str | None = None  # None: the engine's dtype
     device: str | None = None  # cpu | cuda[:N]; None: the engine's device
+    quantize: str | None = None  # compute/quant.py QUANTIZE_CHOICES; None: the engine's (every stage has one)
     # A draft head's directory (--draft head:...): every stage captures the
     # head's feature layers it holds, and the last stage runs the head.
     draft_head: str | None = None

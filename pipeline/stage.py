@@ -67,7 +67,7 @@ class Stage:
         is_last = index == len(plans) - 1
         model = on_passing_thread(lambda: StageModel.load(
             model_dir, plan.layer_start, plan.layer_end, with_embed=index == 0, with_head=is_last,
-            dtype=DTYPES[plan.dtype or dtype], device=where).pack_weights())
+            dtype=DTYPES[plan.dtype or dtype], device=where, quantize=plan.quantize or "auto").pack_weights())
         if plan.draft_head is None:
             return cls(model, index, kv_budget_bytes)
         head_dir = Path(plan.draft_head)
@@ -84,6 +84,7 @@ class Stage:
             "layers": [self.model.layer_start, self.model.layer_end],
             "device": str(self.model.device),
             "parameter_bytes": self.model.parameter_bytes(),
+            "weight_format": self.model.weight_format(),
             "kv_bytes": kv_bytes,
             "num_sequences": num_sequences,
             "num_runs_computed": self.counters.num_runs_computed,

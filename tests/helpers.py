@@ -9,6 +9,7 @@ near-ties that float rounding could flip between batched and step-wise compute.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -25,6 +26,9 @@ import torch
 from scipy.stats import chisquare
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from compute.line_kv import DraftKV
+from compute.model_source import load_config
+from compute.stage_model import StageModel
 from draft_models import DraftModel
 from pipeline.coordinator import STALL_TIMEOUT_S
 from pipeline.drafter import Drafter, local_drafter
@@ -98,6 +102,26 @@ def greedy_reference(model_dir: Path, prompt_ids: list[int], max_new_tokens: int
 
 
 _REFERENCES: dict[Path, torch.nn.Module] = {}
+_TARGETS: dict[tuple[Path, str], StageModel] = {}
+
+
+def target_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, quantize: str = "auto") -> list[int]:
+    """Greedy decoding of the target alone as the stages compute it (a
+    quantized one included): one stage, the prompt in one forward, then one
+    token a forward. Batch invariance makes every mode, split and batch equal it bit for bit."""
+    key = (Path(model_dir), quantize)
+    if key not in _TARGETS:
+        _TARGETS[key] = StageModel.load(model_dir, 0, load_config(model_dir).num_hidden_layers, with_embed=True,
+                                        with_head=True, quantize=quantize).pack_weights()
+    model = _TARGETS[key]
+    kv = DraftKV(model.num_layers)
+    hidden, tokens = model.embed(prompt_ids), []
+    while len(tokens) < max_new_tokens:
+        hidden = model.forward_layers(hidden, kv)
+        kv.advance(hidden.shape[1])
+        tokens.append(int(model.logits(hidden[:, -1:])[0].argmax()))
+        hidden = model.embed(tokens[-1:])
+    return tokens
 
 
 def _load_reference(model_dir: Path):
@@ -111,15 +135,15 @@ def _load_reference(model_dir: Path):
 
 def load_engine(model: Path | str, draft: str | DraftModel | Drafter = "none", stages: int = 1,
                 mode: Mode | str = Mode.PIPEINFER, layer_delay=None, stall_timeout_s: float = STALL_TIMEOUT_S,
-                **speculation) -> Engine:
+                quantize: str = "auto", **speculation) -> Engine:
     """An engine on local stages; a draft (or drafter) given as an object is assembled in by hand."""
     spec = SpeculationConfig(mode=Mode(mode), **speculation)
     if not isinstance(draft, (str, Path)):
-        plans = balanced_plans(model, stages)
+        plans = [dataclasses.replace(plan, quantize=quantize) for plan in balanced_plans(model, stages)]
         transport = LocalTransport([Stage.load(model, plans, i, "float32") for i in range(stages)], layer_delay)
         drafter = local_drafter(draft) if hasattr(draft, "propose") else draft
         return Engine(Path(model), transport, drafter, spec, stall_timeout_s=stall_timeout_s)
-    config = EngineConfig(model=str(model), draft=str(draft), num_stages=stages, speculation=spec)
+    config = EngineConfig(model=str(model), draft=str(draft), num_stages=stages, quantize=quantize, speculation=spec)
     return Engine.load(config, layer_delay=layer_delay, show_progress=False, stall_timeout_s=stall_timeout_s)
 
 

@@ -9,6 +9,7 @@ import pytest
 from cluster.layout import plan_layout
 from cluster.spec import SpecError, load_spec
 from cluster.up import engine_config, plan
+from compute.model_source import gguf_source
 from draft_models import DraftSpecError
 from draft_models.spec import DRAFT_KINDS
 from pipeline.partition import balanced_ranges, model_costs
@@ -79,12 +80,17 @@ def test_automatic_split_balances_compute_with_head_and_draft(default_model):
 
 @pytest.mark.slow
 def test_a_split_that_does_not_fit_says_by_how_much(tmp_path, default_model):
-    spec = load_spec(write(tmp_path, "model: default\nstages: 2\nstage_memory_gb: 0.2\n"))
+    dense = "model: default\nquantize: none\nstages: 2\n"
+    spec = load_spec(write(tmp_path, dense + "stage_memory_gb: 0.2\n"))
     with pytest.raises(SpecError, match=r"stage 0 \(layers 0-19\) needs 365 MB of weights but declares memory_gb 0\.2 \(205 MB\): 160 MB too much"):
         plan_layout(spec)
-    layouts = plan_layout(load_spec(write(tmp_path, "model: default\nstages: 2\nstage_memory_gb: 1\n")))
+    layouts = plan_layout(load_spec(write(tmp_path, dense + "stage_memory_gb: 1\n")))
     # Both ends hold the tied embedding matrix: the first as input, the last as its head.
     assert sum(layout.memory_bytes for layout in layouts) == full_model_bytes(default_model) + 4 * 49152 * 576
+    # As its GGUF's blocks (the default) the same split fits in a fifth of a GB.
+    quantized = plan_layout(load_spec(write(tmp_path, "model: default\nstages: 2\nstage_memory_gb: 0.2\n")))
+    gguf_file_bytes = gguf_source(default_model).stat().st_size
+    assert gguf_file_bytes < sum(layout.memory_bytes for layout in quantized) < 1.4 * gguf_file_bytes
 
 
 # One example of every draft kind the CLI accepts (draft_models.spec.DRAFT_KINDS).

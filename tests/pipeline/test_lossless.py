@@ -1,5 +1,6 @@
 """Lossless: at temperature 0 the output equals greedy decoding of the target
-alone (transformers' generate), for every mode, draft, stage count and
+alone (transformers' generate for a dense target; the stages' own compute,
+alone, for a quantized one), for every mode, draft, stage count and
 max_tokens, including across run boundaries and under random stage delays;
 unseeded sampling follows the target's distribution, and a seeded request
 gives the same text in every mode, draft and timing."""
@@ -26,6 +27,7 @@ from tests.helpers import (
     greedy_reference,
     load_engine,
     make_tiny_model,
+    target_greedy,
 )
 
 MODES = [m.value for m in Mode]
@@ -76,6 +78,26 @@ def test_tiny_models_equal_target_greedy(tiny_targets, unrelated_draft, tiny_hea
     assert out.stats.num_accepted_tokens <= out.stats.num_draft_tokens
 
 
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_quantized_targets_equal_their_own_greedy(tiny_targets, unrelated_draft, tiny_heads, data):
+    """An int4 or int8 target: the output equals that quantized target decoding
+    alone, bit-for-bit by batch invariance (not by argmax margins)."""
+    arch = data.draw(st.sampled_from(sorted(tiny_targets)), label="arch")
+    quantize = data.draw(st.sampled_from(["int4", "int8"]), label="quantize")
+    model_dir = tiny_targets[arch]
+    draft = data.draw(st.sampled_from(["ngram", "unrelated", "self", "head"]), label="draft")
+    mode = data.draw(st.sampled_from(MODES), label="mode")
+    stages = data.draw(st.integers(1, 4), label="stages")
+    prompt = data.draw(st.lists(st.integers(2, TINY_VOCAB - 1), min_size=1, max_size=4), label="fragment") * 2
+    rng = random.Random(data.draw(st.integers(0, 1000), label="delay_seed"))
+    spec = f"head:{tiny_heads[arch]}" if draft == "head" else draft_spec(draft, model_dir, unrelated_draft)
+    with load_engine(model_dir, spec, stages, mode, layer_delay=lambda stage, layer: rng.random() * 0.002,
+                     quantize=quantize, min_accept_prob=data.draw(st.sampled_from([0.0, 0.15]))) as engine:
+        out = engine.complete(GenerationRequest(tuple(prompt), 16))
+    assert out.token_ids == target_greedy(model_dir, prompt, 16, quantize)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("draft", ["unrelated", "self"])
 def test_extreme_drafts_all_stage_counts(tiny_target, unrelated_draft, mode, draft):
@@ -114,7 +136,7 @@ def test_stops_at_eos_like_generate(tiny_target):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_default_model_equals_target_greedy(default_model, mode):
-    """The real SmolLM2-135M: every draft kind, stage counts 1 to 4."""
+    """The real SmolLM2-135M, as its GGUF's quantized blocks: every draft kind, stage counts 1 to 4."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model)
@@ -129,7 +151,7 @@ def test_default_model_equals_target_greedy(default_model, mode):
             for prompt in prompts:
                 ids = tokenizer.encode(prompt)
                 out = engine.complete(GenerationRequest(tuple(ids), 20))
-                assert out.token_ids == reference(default_model, ids, 20), (draft, stages, prompt)
+                assert out.token_ids == target_greedy(default_model, ids, 20), (draft, stages, prompt)
 
 
 # ---- sampling: the target's distribution, and seeded text identical everywhere ----

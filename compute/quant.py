@@ -1,0 +1,152 @@
+"""Weight-only quantized linear layers, one module per format (gpt-fast's
+quantize.py is the model): the weight is packed once at load, and forward is
+one call of a stock PyTorch CPU op with bfloat16 activations around it.
+
+- Int4Linear: 4-bit codes in groups along K, each group with a scale and a
+  zero, w = (q - 8) * scale + zero (torch's `_weight_int4pack_mm_for_cpu`).
+  A GGUF's Q4_0, Q4_1 and Q4_K blocks are this form exactly (compute/gguf.py);
+  scales and zeros are held in bfloat16 (the op's), which rounds them.
+- Int8Linear: int8 codes, one scale per output row, w = q * scale
+  (`_weight_int8pack_mm`); its rows double as an embedding table.
+
+Neither op splits a reduction by the number of rows (measured: the rows of an
+M-row product are bit-identical to the same rows alone, M = 1..16, any thread
+count): a position's output does not depend on what it is computed beside,
+which is what makes speculation lossless by construction. With float32 or
+float16 activations both ops fall to a scalar loop (10x slower), hence bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+INT4_GROUP = 32  # GGUF's block size; the op also takes 64, 128, 256
+QUANTIZE_CHOICES = ("auto", "gguf", "int4", "int8", "none")
+QUANTIZE_HELP = ("weights as the stages hold them: auto (a GGUF's own quantization, a safetensors model's dtype), "
+                 "gguf (the GGUF's blocks), int4 (group-32 round to nearest), int8 (per-row), none (dense --dtype)")
+
+
+class QuantizeError(ValueError):
+    """A quantization this model or machine cannot have."""
+
+
+def check_quantize(name: str) -> str:
+    if name not in QUANTIZE_CHOICES:
+        raise QuantizeError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {name!r}")
+    return name
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T with W [N, K] in 4-bit groups of `group_size` along K."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int = INT4_GROUP, source: str = "int4") -> None:
+        """codes [N, K] integers in 0..15, scales and zeros [N, K / group_size]:
+        w[n, k] = (codes[n, k] - 8) * scales[n, k // g] + zeros[n, k // g]."""
+        super().__init__()
+        out_features, in_features = codes.shape
+        if out_features % 16 or in_features % group_size:
+            raise QuantizeError(f"int4 needs N a multiple of 16 and K of {group_size}: got [{out_features}, "
+                                f"{in_features}]")
+        self.in_features, self.out_features, self.group_size, self.source = in_features, out_features, group_size, source
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        # [K / g, N, 2]: the op's layout
+        self.scales_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.weight_bytes = self.packed.numel() + self.scales_zeros.numel() * 2
+        self.bias: torch.Tensor | None = None  # [N], added to the bfloat16 output
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int = INT4_GROUP) -> Int4Linear:
+        """Round to nearest, asymmetric per group: 16 levels from the group's min to its max."""
+        n, k = weight.shape
+        groups = weight.float().reshape(n, k // group_size, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scales = ((high - low) / 15).clamp_min(1e-10)
+        codes = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 15).reshape(n, k)
+        return cls(codes, scales, low + 8 * scales, group_size)
+
+    @property
+    def format(self) -> str:
+        return f"int4 g{self.group_size} ({self.source})"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., N] in bfloat16."""
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scales_zeros)
+        return _biased(out, self.bias).view(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ W^T with W [N, K] = codes * scale per row."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, source: str = "int8") -> None:
+        """codes [N, K] int8, scales [N]."""
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.source = source
+        self.codes = codes.to(torch.int8).contiguous()
+        self.scales = scales.to(torch.bfloat16).contiguous()
+        self.weight_bytes = self.codes.numel() + self.scales.numel() * 2
+        self.bias: torch.Tensor | None = None  # [N], added to the bfloat16 output
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, source: str = "int8") -> Int8Linear:
+        """Round to nearest, symmetric per row: 127 is the row's largest magnitude."""
+        weight = weight.float()
+        scales = (weight.abs().amax(-1) / 127).clamp_min(1e-10)
+        return cls((weight / scales[:, None]).round().clamp(-127, 127), scales, source)
+
+    @property
+    def format(self) -> str:
+        return f"int8 per-row ({self.source})"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., N] in bfloat16."""
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch._weight_int8pack_mm(rows, self.codes, self.scales)
+        return _biased(out, self.bias).view(*x.shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The weight's rows `ids` [n] -> [n, K] float32 (as an embedding table)."""
+        return self.codes[ids].float() * self.scales[ids].float()[:, None]
+
+
+def _biased(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out.float() + bias
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table looked up from an Int8Linear's rows (the head's, when
+    the model ties them: one copy of the weight serves both)."""
+
+    def __init__(self, table: Int8Linear) -> None:
+        super().__init__()
+        self.table = table
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.table.weight_bytes
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [1, n] -> [1, n, K] float32."""
+        return self.table.rows(ids.reshape(-1)).unsqueeze(0)
+
+
+class Concat(nn.Module):
+    """Linear layers over the same input, outputs joined along the last dim
+    (a fused q/k/v or gate/up whose parts are not of one format)."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(part.weight_bytes for part in self.parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+QUANTIZED = (Int4Linear, Int8Linear)
