@@ -152,8 +152,13 @@ class Engine:
         except BaseException:
             transport.close()  # stages, and the private Ray they run on
             raise
-        log.info("engine ready: %s, %d %s stage(s) %s, draft %s (%s), mode %s", model_dir, len(plans),
-                 config.transport, [(p.layer_start, p.layer_end) for p in plans], config.draft,
+        stats = engine.stage_stats()  # (MPI ranks report theirs with their first heartbeat: maybe none yet)
+        weights = plans[0].quantize
+        if stats:
+            held = stats[0]["weight_format"]
+            weights = f"{held['quantize']}: {', '.join(held['formats'])}, {held['bytes_per_weight']:.2f} bytes a weight"
+        log.info("engine ready: %s, %d %s stage(s) %s, weights %s, draft %s (%s), mode %s", model_dir, len(plans),
+                 config.transport, [(p.layer_start, p.layer_end) for p in plans], weights, config.draft,
                  engine.draft_where()["runs_on"], config.speculation.mode.value)
         return engine
 

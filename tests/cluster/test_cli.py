@@ -48,7 +48,13 @@ def test_generate_over_ray_actors(default_model):
     proc = run_cli("generate", "--transport", "ray", "--stages", "2", "--draft", "ngram", "--prompt",
                    "The capital of France is", "--max-tokens", "8", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Paris" in json.loads(proc.stdout.strip().splitlines()[-1])["text"]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "Paris" in result["text"]
+    # Each Ray actor holds its half as the GGUF's blocks: Q4_1 layers as int4, the Q8_0 embedding/head as int8.
+    assert [w["quantize"] for w in result["weights"]] == ["gguf", "gguf"]
+    assert sum(w["formats"]["int4 g32 (Q4_1)"] for w in result["weights"]) == 30 * 4  # q/k/v, o, gate/up, down
+    assert all(w["formats"]["int8 per-row (Q8_0 requantized)"] == 1 and w["bytes_per_weight"] < 0.8
+               for w in result["weights"])
 
 
 @pytest.mark.slow

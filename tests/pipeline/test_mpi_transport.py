@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tests.helpers import greedy_reference
+from tests.helpers import greedy_reference, target_greedy
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +45,15 @@ def test_mpi_ranks_are_lossless(tiny_text_model, text_head, mode, draft):
     assert result["token_ids"] == greedy_reference(tiny_text_model, ids, 16)
     if mode == "sync":  # it waits for the draft rank; pipeinfer mode takes guesses only when they are ready in time
         assert result["stats"]["num_draft_tokens"] > 0
+
+
+def test_quantized_mpi_ranks_equal_the_quantized_target_alone(tiny_text_model):
+    prompt = "Once upon a time there was"
+    result = mpi_generate(2, 3, "--model", str(tiny_text_model), "--quantize", "int4", "--draft", "ngram",
+                          "--prompt", prompt, "--max-tokens", "16", "--ignore-eos", "--min-accept-prob", "0")
+    assert [w["quantize"] for w in result["weights"]] == ["int4", "int4"]
+    ids = AutoTokenizer.from_pretrained(tiny_text_model).encode(prompt)
+    assert result["token_ids"] == target_greedy(tiny_text_model, ids, 16, "int4")
 
 
 def test_wrong_rank_count_is_explained(tiny_text_model):

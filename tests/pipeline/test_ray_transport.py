@@ -22,7 +22,7 @@ from pipeline.ray_transport import RayTransport
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode
 from tests.compute.test_stage_model import full_model_bytes
-from tests.helpers import greedy_reference
+from tests.helpers import greedy_reference, target_greedy
 
 pytestmark = pytest.mark.integration
 
@@ -34,12 +34,12 @@ def local_ray():
     cluster.stop()
 
 
-def ray_engine(model_dir, draft, stages, mode, layer_delay_s=0.0, **speculation):
+def ray_engine(model_dir, draft, stages, mode, layer_delay_s=0.0, quantize="auto", **speculation):
     """An Engine over a RayTransport (optionally with slow layers); a draft
     that computes runs in an actor of its own."""
     draft_plan = None if parse_draft(draft).is_free else StagePlan(0, 0)
-    transport = RayTransport(str(model_dir), balanced_plans(model_dir, stages), layer_delay_s=layer_delay_s,
-                             draft_plan=draft_plan)
+    plans = [dataclasses.replace(plan, quantize=quantize) for plan in balanced_plans(model_dir, stages)]
+    transport = RayTransport(str(model_dir), plans, layer_delay_s=layer_delay_s, draft_plan=draft_plan)
     return Engine(model_dir, transport, transport.drafter(draft, model_dir, "float32"),
                   SpeculationConfig(mode=Mode(mode), **speculation))
 
@@ -52,6 +52,16 @@ def test_ray_stages_are_lossless(tiny_target, unrelated_draft, stages, mode):
         for prompt, max_tokens in (([3, 4, 5], 17), ([50, 51, 50, 51], 9)):
             out = engine.complete(GenerationRequest(tuple(prompt), max_tokens))
             assert out.token_ids == greedy_reference(tiny_target, prompt, max_tokens), (stages, mode)
+
+
+@pytest.mark.parametrize("quantize,mode", [("int4", "pipeinfer"), ("int8", "sync")])
+def test_quantized_ray_stages_equal_the_quantized_target_alone(tiny_target, unrelated_draft, quantize, mode):
+    draft = {"sync": str(tiny_target), "pipeinfer": str(unrelated_draft)}[mode]
+    with ray_engine(tiny_target, draft, 2, mode, layer_delay_s=0.001, quantize=quantize, min_accept_prob=0.0) as engine:
+        assert [s["weight_format"]["quantize"] for s in engine.stage_stats()] == [quantize, quantize]
+        for prompt, max_tokens in (([3, 4, 5], 17), ([50, 51, 50, 51], 9)):
+            out = engine.complete(GenerationRequest(tuple(prompt), max_tokens))
+            assert out.token_ids == target_greedy(tiny_target, prompt, max_tokens, quantize), mode
 
 
 @pytest.mark.parametrize("mode", ["sync", "pipeinfer"])
