@@ -20,7 +20,7 @@ from compute.stage_model import DTYPES
 from compute.types import SamplingParams
 from draft_models import DRAFT_HELP, DraftSpecError
 from loadtests import pair
-from loadtests.bench import PROMPT_SETS, BenchConfig, load_prompts
+from loadtests.bench import BASELINE_KINDS, PROMPT_SETS, BenchConfig, load_prompts
 from pipeline.engine import TRANSPORTS, Engine, EngineConfig, GenerationError
 from pipeline.sim_profiles import PROFILES
 from pipeline.speculation import SpeculationConfig
@@ -104,7 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=defaults["repeat"], help="repetitions, interleaved across modes")
     bench.add_argument("--concurrency", default=",".join(map(str, defaults["concurrency"])),
                        help="comma-separated requests in flight, e.g. 1,8")
-    bench.add_argument("--baselines", default="", help="comma-separated peers to run too (extra pipeinfer[vllm]): vllm, vllm-ngram, vllm-draft:PATH")
+    bench.add_argument("--baselines", default="",
+                       help=f"comma-separated peers to run too: {BASELINE_KINDS} (vllm*: extra pipeinfer[vllm]; "
+                            "llama.cpp*: a llama-server, see scripts/build-llama-cpp.sh, and a GGUF model)")
+    bench.add_argument("--llama-server", type=Path, default=defaults["llama_server"], metavar="PATH",
+                       help="the llama.cpp baselines' llama-server (default: on PATH, else what "
+                            "scripts/build-llama-cpp.sh built)")
     bench.add_argument("--out", type=Path, default=defaults["out_dir"], help="output directory")
     bench.add_argument("--calibrate", action="store_true",
                        help="also write OUT/profile.json, this run as a simulation profile: --simulate OUT/profile.json "
@@ -220,10 +225,11 @@ def _generate(args: argparse.Namespace) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     with Engine.load(_engine_config(args), show_progress=True) as engine:
         output = engine.complete_text(args.prompt, args.max_tokens, sampling, ignore_eos=args.ignore_eos)
+        weights = [stats["weight_format"] for stats in engine.stage_stats()]
     if args.json:
         stats = output.stats.as_dict()
         print(json.dumps({"text": output.text, "token_ids": output.token_ids,
-                          "finish_reason": output.finish_reason, "stats": stats}))
+                          "finish_reason": output.finish_reason, "stats": stats, "weights": weights}))
     else:
         print(output.text)
     return 0
@@ -300,7 +306,8 @@ def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(engine=_engine_config(args), modes=modes,
                          prompts=load_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS,
                          max_tokens=args.max_tokens, repeat=args.repeat, concurrency=concurrency,
-                         out_dir=args.out, baselines=tuple(_csv(args.baselines)), calibrate=args.calibrate,
+                         out_dir=args.out, baselines=tuple(_csv(args.baselines)), llama_server=args.llama_server,
+                         calibrate=args.calibrate,
                          long_prompt=args.long_prompt)
     results = run_bench(config, show_progress=True)
     print(format_summary(results))

@@ -46,7 +46,7 @@ DEFAULT_PROMPTS = (
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
     "The history of the printing press begins",
 )
-BASELINE_KINDS = "vllm, vllm-ngram, vllm-draft:PATH"
+BASELINE_KINDS = "vllm, vllm-ngram, vllm-draft:PATH, llama.cpp, llama.cpp-ngram"
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 PROMPT_SETS = ("extractive", "chat", "everyday")  # PROMPT_DIR/NAME.jsonl: written for this project
 Prompt = str | tuple[tuple[str, str], ...]  # raw text, or a conversation of (role, content)
@@ -61,7 +61,8 @@ class BenchConfig:
     repeat: int = 2
     concurrency: tuple[int, ...] = (1,)
     out_dir: Path = Path("bench-out")
-    baselines: tuple[str, ...] = ()  # vllm, vllm-ngram, vllm-draft:PATH
+    baselines: tuple[str, ...] = ()  # BASELINE_KINDS
+    llama_server: Path | None = None  # the llama.cpp baselines' binary (default: loadtests/llamacpp_baseline.py)
     calibrate: bool = False  # also write profile.json: this run as a simulation profile (loadtests/calibrate.py)
     long_prompt: int | None = None  # also time a short request alone and during a prompt of this many tokens
 
@@ -72,8 +73,10 @@ class BenchConfig:
             raise ValueError("no prompts")
         if self.max_tokens < 1 or self.repeat < 1 or not self.concurrency or min(self.concurrency) < 1:
             raise ValueError("max_tokens, repeat and every concurrency must be >= 1")
+        for kind in self.baselines:
+            check_baseline_kind(kind)
         if self.baselines and self.engine.simulate:
-            raise ValueError("--baselines run vLLM on this machine: they cannot be compared with --simulate")
+            raise ValueError("--baselines run on this machine: they cannot be compared with --simulate")
         if self.long_prompt is not None and (self.long_prompt < 2 or self.engine.simulate):
             raise ValueError("--long-prompt takes a prompt length >= 2, timed on this machine (not with --simulate)")
 
@@ -122,14 +125,39 @@ class EngineModeRunner:
         return timing
 
 
+def check_baseline_kind(kind: str) -> None:
+    """A clear error for a kind that is none of BASELINE_KINDS (vLLM's draft
+    model and llama.cpp's binary are looked for when the baseline starts)."""
+    from loadtests.llamacpp_baseline import is_llamacpp_kind, server_flags
+
+    if is_llamacpp_kind(kind):
+        server_flags(kind)
+    elif kind not in ("vllm", "vllm-ngram") and not (kind.startswith("vllm-draft:") and kind.split(":", 1)[1]):
+        raise ValueError(f"unknown baseline {kind!r}: expected one of {BASELINE_KINDS}")
+
+
 class BaselineRunner:
-    """A vLLM baseline on the same target (optional extra pipeinfer[vllm])."""
+    """A peer on the same target: vLLM (optional extra pipeinfer[vllm]) or
+    llama.cpp (its llama-server, on the GGUF the model was converted from),
+    by the kind's prefix. threads, slots, ctx, llama_server: llama.cpp's only
+    (vLLM takes this process's threads and its own max_num_seqs)."""
 
-    def __init__(self, kind: str, model_dir: Path, dtype: str) -> None:
-        from loadtests.vllm_baseline import VLLMBaseline
+    def __init__(self, kind: str, model_dir: Path, dtype: str, llama_server: Path | None = None,
+                 threads: int | None = None, slots: int = 1, ctx: int | None = None) -> None:
+        from loadtests.llamacpp_baseline import DEFAULT_CTX, LlamaCppBaseline, is_llamacpp_kind
 
-        self._baseline = VLLMBaseline(model_dir, kind, dtype=dtype)
+        check_baseline_kind(kind)
+        if is_llamacpp_kind(kind):
+            self._baseline = LlamaCppBaseline(model_dir, kind, llama_server=llama_server, threads=threads,
+                                              slots=slots, ctx=ctx or DEFAULT_CTX)
+            self.version = self._baseline.version
+        else:
+            from loadtests.vllm_baseline import VLLMBaseline
+
+            self._baseline = VLLMBaseline(model_dir, kind, dtype=dtype)
+            self.version = self._baseline.info.get("vllm_version")
         self.name = self._baseline.name
+        self.info = self._baseline.info
 
     def run(self, prompts: list[list[int]], max_tokens: int, concurrency: int) -> Batch:
         started = time.perf_counter()
@@ -189,9 +217,15 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
     try:
         floor = None if bandwidth is None else Floor([s["parameter_bytes"] for s in engine.stage_stats()], bandwidth,
                                                      config.engine.speculation.draft_len + 1)
-        runners += [BaselineRunner(kind, engine.model_dir, config.engine.dtype) for kind in config.baselines]
+        weights = [stats["weight_format"] for stats in engine.stage_stats()]  # how each stage holds the target
         prompts = [encode_prompt(engine, p) for p in config.prompts]
         check_context(max(len(p) for p in prompts), config.max_tokens, engine.max_context, "--max-tokens")
+        # llama.cpp: our stages' cores, a slot per request in flight, each slot the longest request's context
+        threads = stage_threads(config.engine.num_stages, config.engine.stage_cpus)
+        ctx = _round_up(max(len(p) for p in prompts) + config.max_tokens + 8, 256)
+        for kind in config.baselines:  # one by one: those started are closed below should a later one fail
+            runners.append(BaselineRunner(kind, engine.model_dir, config.engine.dtype, llama_server=config.llama_server,
+                                          threads=threads, slots=max(max(config.concurrency), 1), ctx=ctx))
         for runner in runners:  # warm up: first-call costs (allocation, compilation) stay out of the figures
             runner.run(prompts[:1], min(4, config.max_tokens), 1)
         records = _measure(config, runners, prompts, show_progress)
@@ -201,7 +235,9 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
             if isinstance(runner, BaselineRunner):
                 runner.close()
         engine.close()
-    results = _results(config, engine, records, floor)
+    results = _results(config, engine, records, floor,
+                       {r.name: r.version for r in runners if isinstance(r, BaselineRunner)})
+    results["setup"]["weights"] = weights
     if during_long is not None:
         results["long_prompt"] = during_long
     results["files"] = write_plots(results, records, config.out_dir)
@@ -214,6 +250,17 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
         results["files"]["profile"] = "profile.json"
     (config.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def stage_threads(num_stages: int, stage_cpus: int | None) -> int:
+    """The cores our stages compute on, in all: every core of this process
+    unless --stage-cpus sets fewer."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores if stage_cpus is None else max(1, min(cores, num_stages * stage_cpus))
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
 
 
 def read_bandwidth(num_bytes: int = 1 << 29, repeats: int = 5) -> float:
@@ -298,7 +345,8 @@ def _measure(config: BenchConfig, runners: list[Runner], prompts: list[list[int]
     return list(records.values())
 
 
-def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord], floor: Floor | None) -> dict:
+def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord], floor: Floor | None,
+             baseline_versions: dict[str, str | None] | None = None) -> dict:
     profile = get_profile(config.engine.simulate) if config.engine.simulate else None
     modes = {record.key: summarize(record, profile, floor) for record in records}
     baseline_names = sorted({r.name for r in records if r.name not in {m.value for m in Mode}})
@@ -306,6 +354,8 @@ def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord], flo
     for concurrency in config.concurrency:
         all_ratios.update(ratios(modes, concurrency, baseline_names))
     setup = _setup(config, engine, profile)
+    if baseline_versions:
+        setup["baseline_versions"] = baseline_versions
     if floor is not None:
         setup["machine"]["read_gb_per_s"] = round(floor.read_bytes_per_s / 1e9, 2)
         setup["stage_weight_bytes"] = floor.stage_weight_bytes
