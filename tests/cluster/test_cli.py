@@ -45,7 +45,7 @@ def test_generate_names_paris_with_every_draft(default_model, draft, mode, stage
 @pytest.mark.slow
 @pytest.mark.integration
 def test_generate_over_ray_actors(default_model):
-    proc = run_cli("generate", "--transport", "ray", "--stages", "2", "--draft", "ngram", "--prompt",
+    proc = run_cli("generate", "--transport", "ray", "--stages", "2", "--quantize", "auto", "--draft", "ngram", "--prompt",
                    "The capital of France is", "--max-tokens", "8", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -88,7 +88,7 @@ def test_a_split_that_does_not_fit_says_by_how_much(tmp_path, default_model):
     # Both ends hold the tied embedding matrix: the first as input, the last as its head.
     assert sum(layout.memory_bytes for layout in layouts) == full_model_bytes(default_model) + 4 * 49152 * 576
     # As its GGUF's blocks (the default) the same split fits in a fifth of a GB.
-    quantized = plan_layout(load_spec(write(tmp_path, "model: default\nstages: 2\nstage_memory_gb: 0.2\n")))
+    quantized = plan_layout(load_spec(write(tmp_path, "model: default\nquantize: gguf\nstages: 2\nstage_memory_gb: 0.2\n")))
     gguf_file_bytes = gguf_source(default_model).stat().st_size
     assert gguf_file_bytes < sum(layout.memory_bytes for layout in quantized) < 1.4 * gguf_file_bytes
 
