@@ -108,6 +108,14 @@ class StageBackend(Protocol):
         """Bytes of weights one forward reads (the bandwidth floor's numerator)."""
         ...
 
+    def weight_format(self) -> dict:
+        """How the weights are held (quantization, formats, bytes a weight)."""
+        ...
+
+    def decode_timing(self) -> dict:
+        """ms a one-token forward spends in matmuls, attention and the rest (compute/stage_model.TimeSplit)."""
+        ...
+
     def embed(self, token_ids: Sequence[int]) -> torch.Tensor: ...
 
     def forward_batch(self, hiddens: list[torch.Tensor], kvs: list[LayerKV],

@@ -10,7 +10,9 @@ and the arithmetic is the same whatever the split.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,6 +52,8 @@ class StageModel(nn.Module):
         self.rotary_emb: nn.Module | None = None  # set by load(); never on meta
         self.quantize = "none"  # set by load(): gguf | int4 | int8 | none
         self._dtype = torch.float32  # of the hidden states (the residual stream); set by load()
+        self.decode_time = TimeSplit()  # where this stage's one-token forwards spend their time
+        self._decoding = False  # the last forward was of one token: the head that follows it is decode time
 
     @property
     def layer_end(self) -> int:
@@ -92,6 +96,9 @@ class StageModel(nn.Module):
         num_weights += sum(p.numel() for p in self.parameters() if not _is_linear_weight(self, p))
         return {"quantize": self.quantize, "formats": formats, "weight_bytes": self.parameter_bytes(),
                 "num_weights": num_weights, "bytes_per_weight": round(self.parameter_bytes() / max(num_weights, 1), 4)}
+
+    def decode_timing(self) -> dict:
+        return self.decode_time.per_forward_ms()
 
     def pack_weights(self) -> StageModel:
         """Every linear layer (the head too) with its weight packed once for
@@ -219,18 +226,24 @@ class StageModel(nn.Module):
         indices) appended after them."""
         device, dtype = self.device, self.dtype
         width = self.config.hidden_size
+        started = time.perf_counter()
         carried = [h[..., width:].cpu() for h in hiddens]
         hiddens = [h[..., :width].to(device, dtype) for h in hiddens]  # (no copy where they already are)
+        clock = _OpClock()
+        self._decoding = sum(h.shape[1] for h in hiddens) == 1 and device.type != "cuda"
         if device.type != "cuda":
-            outs = self._forward_batch(hiddens, kvs, cancelled, before_layer, capture)
+            outs = self._forward_batch(hiddens, kvs, cancelled, before_layer, capture, clock)
+            if self._decoding and any(out is not None for out in outs):
+                self.decode_time.add(time.perf_counter() - started, clock)
         else:
             # Not cuDNN's attention: its setup is redone for every new key length,
             # i.e. every token (measured on an H100: 3.2 ms a call, 75% of a step).
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-                outs = self._forward_batch(hiddens, kvs, cancelled, before_layer, capture)
+                outs = self._forward_batch(hiddens, kvs, cancelled, before_layer, capture, clock)
         return [None if out is None else _joined(out[0], carried[i], out[1:]) for i, out in enumerate(outs)]
 
-    def _forward_batch(self, hiddens, kvs, cancelled, before_layer, capture) -> list[list[torch.Tensor] | None]:
+    def _forward_batch(self, hiddens, kvs, cancelled, before_layer, capture,
+                       clock: _OpClock) -> list[list[torch.Tensor] | None]:
         segments = _packed([_Segment(i, h.shape[1], kv, self._rotary(h, kv))
                             for i, (h, kv) in enumerate(zip(hiddens, kvs))])
         hidden = torch.cat(hiddens, dim=1) if len(hiddens) > 1 else hiddens[0]
@@ -248,7 +261,7 @@ class StageModel(nn.Module):
                 segments = _packed(keep)
                 if not segments:
                     break
-            hidden = _decoder_layer(layer, idx, hidden, cos, sin, segments)
+            hidden = _decoder_layer(layer, idx, hidden, cos, sin, segments, clock)
             if idx in capture:
                 for seg in segments:
                     captured[seg.index].append(hidden[:, seg.offset:seg.offset + seg.num_new])
@@ -266,7 +279,56 @@ class StageModel(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [1, n, H] -> logits [n, vocab] (float32, on the host)"""
-        return self.lm_head(self.norm(hidden.to(self.device, self.dtype)))[0].float().cpu()
+        started = time.perf_counter()
+        clock = _OpClock()
+        logits = clock.matmul(self.lm_head, self.norm(hidden.to(self.device, self.dtype)))[0].float().cpu()
+        if self._decoding:
+            self.decode_time.add(time.perf_counter() - started, clock, forwards=0)  # the forward's own head
+            self._decoding = False
+        return logits
+
+
+class _OpClock:
+    """Seconds one forward spends in its matmuls and in attention. On the CPU
+    an op has finished when it returns, so two clock reads time it (about a
+    microsecond a layer); on a GPU the figures are not kept."""
+
+    __slots__ = ("matmul_s", "attention_s")
+
+    def __init__(self) -> None:
+        self.matmul_s = self.attention_s = 0.0
+
+    def matmul(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        out = module(x)
+        self.matmul_s += time.perf_counter() - started
+        return out
+
+
+@dataclass(slots=True)
+class TimeSplit:
+    """Where a stage's one-token forwards (decoding) spent their time, summed:
+    the matmuls (weight reads), attention, and the rest (norms, RoPE, casts,
+    Python), the head included on the last stage."""
+
+    forwards: int = 0
+    total_s: float = 0.0
+    matmul_s: float = 0.0
+    attention_s: float = 0.0
+
+    def add(self, total_s: float, clock: _OpClock, forwards: int = 1) -> None:
+        self.forwards += forwards
+        self.total_s += total_s
+        self.matmul_s += clock.matmul_s
+        self.attention_s += clock.attention_s
+
+    def per_forward_ms(self) -> dict:
+        """-> ms a one-token forward: matmul, attention, rest, total (and how many were timed)."""
+        n = max(self.forwards, 1)
+        rest_s = self.total_s - self.matmul_s - self.attention_s
+        return {"forwards": self.forwards, "matmul_ms": round(1000 * self.matmul_s / n, 3),
+                "attention_ms": round(1000 * self.attention_s / n, 3), "rest_ms": round(1000 * rest_s / n, 3),
+                "total_ms": round(1000 * self.total_s / n, 3)}
 
 
 def resolve_quantize(model_dir: Path, quantize: str, device: torch.device) -> str:
@@ -419,7 +481,7 @@ def _packed(segments: list[_Segment]) -> list[_Segment]:
     return segments
 
 
-def _decoder_layer(layer, idx, hidden, cos, sin, segments: list[_Segment]) -> torch.Tensor:
+def _decoder_layer(layer, idx, hidden, cos, sin, segments: list[_Segment], clock: _OpClock) -> torch.Tensor:
     """One decoder layer over the packed rows hidden [1, N, H]. Every op
     computes a row the same whatever rows are beside it (batch invariance):
     the matmuls and norms reduce within a row, and attention runs a row at a
@@ -430,13 +492,14 @@ def _decoder_layer(layer, idx, hidden, cos, sin, segments: list[_Segment]) -> to
     eps = layer.input_layernorm.variance_epsilon
 
     x = F.rms_norm(hidden, hidden.shape[-1:], layer.input_layernorm.weight, eps)
-    qkv = attn.qkv_proj(x).to(dtype).view(1, num_new, -1, attn.head_dim)  # [1, N, heads + 2 kv_heads, d]
+    qkv = clock.matmul(attn.qkv_proj, x).to(dtype).view(1, num_new, -1, attn.head_dim)  # [1, N, heads + 2 kv_heads, d]
     qk, v = qkv[:, :, :num_heads + num_kv_heads], qkv[:, :, num_heads + num_kv_heads:]
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
         qk = torch.cat([attn.q_norm(qk[:, :, :num_heads]), attn.k_norm(qk[:, :, num_heads:])], dim=2)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [1, N, 1, d]: broadcast over heads
     qk = (qk * cos + _rotate_half(qk) * sin).transpose(1, 2)  # [1, heads + kv_heads, N, d]
     q, k, v = qk[:, :num_heads], qk[:, num_heads:], v.transpose(1, 2)
+    started = time.perf_counter()
     outs = []
     for seg in segments:  # a child run after its parent: its keys are written first
         k_all, v_all = seg.kv.extend(idx, k[:, :, seg.offset:seg.offset + seg.num_new],
@@ -447,10 +510,11 @@ def _decoder_layer(layer, idx, hidden, cos, sin, segments: list[_Segment]) -> to
             outs.append(F.scaled_dot_product_attention(q[:, :, row:row + 1], k_all[:, :, :end], v_all[:, :, :end],
                                                        scale=attn.scaling, enable_gqa=True))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(1, num_new, -1))
+    clock.attention_s += time.perf_counter() - started
+    hidden = hidden + clock.matmul(attn.o_proj, out.transpose(1, 2).reshape(1, num_new, -1))
     x = F.rms_norm(hidden, hidden.shape[-1:], layer.post_attention_layernorm.weight, eps)
-    gate, up = layer.mlp.gate_up_proj(x).chunk(2, dim=-1)
-    return hidden + layer.mlp.down_proj(F.silu(gate) * up)
+    gate, up = clock.matmul(layer.mlp.gate_up_proj, x).chunk(2, dim=-1)
+    return hidden + clock.matmul(layer.mlp.down_proj, F.silu(gate) * up)
 
 
 def read_safetensors(model_dir: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -217,7 +217,6 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
     try:
         floor = None if bandwidth is None else Floor([s["parameter_bytes"] for s in engine.stage_stats()], bandwidth,
                                                      config.engine.speculation.draft_len + 1)
-        weights = [stats["weight_format"] for stats in engine.stage_stats()]  # how each stage holds the target
         prompts = [encode_prompt(engine, p) for p in config.prompts]
         check_context(max(len(p) for p in prompts), config.max_tokens, engine.max_context, "--max-tokens")
         # llama.cpp: our stages' cores, a slot per request in flight, each slot the longest request's context
@@ -230,14 +229,14 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
             runner.run(prompts[:1], min(4, config.max_tokens), 1)
         records = _measure(config, runners, prompts, show_progress)
         during_long = _short_during_long(engine, prompts[0], config.long_prompt) if config.long_prompt else None
+        stage_stats = engine.stage_stats()  # before close: Ray's and MPI's stages answer only while they run
     finally:
         for runner in runners:
             if isinstance(runner, BaselineRunner):
                 runner.close()
         engine.close()
-    results = _results(config, engine, records, floor,
+    results = _results(config, engine, records, floor, stage_stats,
                        {r.name: r.version for r in runners if isinstance(r, BaselineRunner)})
-    results["setup"]["weights"] = weights
     if during_long is not None:
         results["long_prompt"] = during_long
     results["files"] = write_plots(results, records, config.out_dir)
@@ -346,7 +345,7 @@ def _measure(config: BenchConfig, runners: list[Runner], prompts: list[list[int]
 
 
 def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord], floor: Floor | None,
-             baseline_versions: dict[str, str | None] | None = None) -> dict:
+             stage_stats: list[dict], baseline_versions: dict[str, str | None] | None = None) -> dict:
     profile = get_profile(config.engine.simulate) if config.engine.simulate else None
     modes = {record.key: summarize(record, profile, floor) for record in records}
     baseline_names = sorted({r.name for r in records if r.name not in {m.value for m in Mode}})
@@ -356,6 +355,7 @@ def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord], flo
     setup = _setup(config, engine, profile)
     if baseline_versions:
         setup["baseline_versions"] = baseline_versions
+    setup["weights"] = [stats["weight_format"] for stats in stage_stats if "weight_format" in stats]
     if floor is not None:
         setup["machine"]["read_gb_per_s"] = round(floor.read_bytes_per_s / 1e9, 2)
         setup["stage_weight_bytes"] = floor.stage_weight_bytes
@@ -364,9 +364,12 @@ def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord], flo
         "modes": modes,
         "ratios": all_ratios,
         "outputs_equal_first_mode": outputs_match(records),
+        # per stage, a one-token forward (every mode's decoding): its matmuls, attention and the rest
+        "decode_timing": [{"stage": stats["stage"], **stats["decode_timing"]}
+                          for stats in stage_stats if "decode_timing" in stats],
     }
-    if any(stats.get("draft_head_tokens") for stats in engine.stage_stats()):
-        results["draft_head"] = head_cost(engine.stage_stats(), records)
+    if any(stats.get("draft_head_tokens") for stats in stage_stats):
+        results["draft_head"] = head_cost(stage_stats, records)
     return results
 
 

@@ -29,7 +29,8 @@ def write_plots(results: dict, records: list[ModeRecord], out_dir: Path) -> dict
         files["timeline"] = "timeline.png"
         files["trace"] = "trace.json"
         cancelled = {run_id for r in records for t in r.timings if t.stats for run_id in t.stats["cancelled_run_ids"]}
-        _timeline(spans, cancelled, out_dir / files["timeline"], title, results["setup"]["clock"])
+        _timeline(spans, cancelled, out_dir / files["timeline"], title, results["setup"]["clock"],
+                  {t["stage"]: t for t in results.get("decode_timing", []) if t["forwards"]})
         (out_dir / files["trace"]).write_text(json.dumps(chrome_trace(spans, cancelled)))
     return files
 
@@ -112,7 +113,9 @@ def _itl(records: list[ModeRecord], path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def _timeline(spans: list[StageSpan], cancelled: set[int], path: Path, title: str, clock: str) -> None:
+def _timeline(spans: list[StageSpan], cancelled: set[int], path: Path, title: str, clock: str,
+              decode_timing: dict[int, dict]) -> None:
+    """decode_timing: per stage, where its one-token forward's time goes (written beside its row)."""
     origin = min(span.start_s for span in spans)
     stages = sorted({span.stage for span in spans})
     fig, ax = plt.subplots(figsize=(11, 1 + 0.45 * len(stages)))
@@ -120,13 +123,19 @@ def _timeline(spans: list[StageSpan], cancelled: set[int], path: Path, title: st
         kind = run_kind(span, cancelled)
         ax.broken_barh([(1000 * (span.start_s - origin), max(1000 * span.duration_s, 1e-3))],
                        (span.stage - 0.4, 0.8), facecolors=RUN_COLOURS[kind], edgecolor="white", linewidth=0.3)
-    ax.set_yticks(stages, [f"stage {s}" for s in stages])
+    ax.set_yticks(stages, [f"stage {s}" + (_split_label(decode_timing[s]) if s in decode_timing else "")
+                           for s in stages], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(f"ms since the request's first run ({clock})")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in RUN_COLOURS.values()]
     ax.legend(handles, list(RUN_COLOURS), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(f"{title}\nruns of one request per stage", fontsize=9)
     _save(fig, path)
+
+
+def _split_label(timing: dict) -> str:
+    return (f"\ntoken {timing['total_ms']:.1f} ms: matmul {timing['matmul_ms']:.1f}"
+            f"\nattention {timing['attention_ms']:.1f}, rest {timing['rest_ms']:.1f}")
 
 
 def _save(fig, path: Path) -> None:

@@ -85,6 +85,7 @@ class Stage:
             "device": str(self.model.device),
             "parameter_bytes": self.model.parameter_bytes(),
             "weight_format": self.model.weight_format(),
+            "decode_timing": self.model.decode_timing(),
             "kv_bytes": kv_bytes,
             "num_sequences": num_sequences,
             "num_runs_computed": self.counters.num_runs_computed,

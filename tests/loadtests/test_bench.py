@@ -4,6 +4,9 @@ modes agree token for token; the simulated cluster reports its floor."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +64,16 @@ def test_bench_writes_results_plots_and_trace(tmp_path, tiny_text_model):
     assert results["setup"]["machine"]["read_gb_per_s"] > 0 and len(results["setup"]["stage_weight_bytes"]) == 2
     for name in ("ar", "ar@c3"):
         assert all(0 < f for f in results["modes"][name]["stage_bandwidth_frac"]), name
+    check_decode_timing(results, 2)
+
+
+def check_decode_timing(results: dict, num_stages: int) -> None:
+    """Per stage, where a one-token forward's time goes: matmuls, attention, the rest; they add up."""
+    timing = results["decode_timing"]
+    assert [t["stage"] for t in timing] == list(range(num_stages))
+    for t in timing:
+        assert t["forwards"] > 0 and t["matmul_ms"] > 0 and t["attention_ms"] > 0 and t["rest_ms"] >= 0, t
+        assert t["matmul_ms"] + t["attention_ms"] + t["rest_ms"] == pytest.approx(t["total_ms"], abs=0.01), t
 
 
 def test_bench_reports_the_draft_heads_cost(tmp_path, tiny_text_model):
@@ -187,3 +200,17 @@ def test_ratios_set_our_modes_beside_each_baseline():
     assert ratios(modes, 1, ["vllm"]) == {"pipeinfer_vs_ar": pytest.approx(1.3333), "ar_vs_vllm": 0.9,
                                           "pipeinfer_vs_vllm": 1.2}
     assert ratios(modes, 8, ["vllm"]) == {"ar_vs_vllm@c8": 0.7}
+
+
+@pytest.mark.integration
+def test_bench_on_ray_stages_writes_its_results(tmp_path, tiny_text_model):
+    """As users run it (a subprocess): Ray's stages are asked for their stats before Ray shuts down."""
+    out = tmp_path / "out"
+    proc = subprocess.run([str(Path(sys.executable).parent / "pipeinfer"), "bench", "--model", str(tiny_text_model),
+                           "--transport", "ray", "--stages", "2", "--draft", "ngram", "--modes", "ar,pipeinfer",
+                           "--max-tokens", "6", "--repeat", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = check_outputs(out, ["ar", "pipeinfer"])
+    assert results["setup"]["transport"] == "ray" and len(results["setup"]["weights"]) == 2
+    check_decode_timing(results, 2)
