@@ -53,6 +53,7 @@ class StageModel(nn.Module):
         self.quantize = "none"  # set by load(): gguf | int4 | int8 | none
         self._dtype = torch.float32  # of the hidden states (the residual stream); set by load()
         self.decode_time = TimeSplit()  # where this stage's one-token forwards spend their time
+        self._weight_format: dict | None = None  # weight_format(), counted at its first call
         self._decoding = False  # the last forward was of one token: the head that follows it is decode time
 
     @property
@@ -85,7 +86,13 @@ class StageModel(nn.Module):
 
     def weight_format(self) -> dict:
         """How this stage holds its weights: the quantization, each format's
-        matrix count, and bytes a weight over every weight it holds."""
+        matrix count, and bytes a weight over every weight it holds (counted
+        once: the weights do not change after pack_weights)."""
+        if self._weight_format is None:
+            self._weight_format = self._count_weights()
+        return self._weight_format
+
+    def _count_weights(self) -> dict:
         formats: dict[str, int] = {}
         num_weights = 0
         for m in self.modules():
@@ -109,6 +116,7 @@ class StageModel(nn.Module):
         Not for a model that is quantized afterwards (it looks for nn.Linear)."""
         if can_pack(self.dtype) and self.device.type == "cpu":
             pack_linears(self)
+        self._weight_format = None
         return self
 
     @classmethod
@@ -370,6 +378,7 @@ class _MatrixSource:
 
     def __init__(self, model_dir: Path, config, quantize: str) -> None:
         self.model_dir, self.quantize = model_dir, quantize
+        self.tied = getattr(config, "tie_word_embeddings", False)
         self.gguf = None
         if quantize == "gguf":
             from compute.gguf_blocks import GGUFWeights
@@ -412,7 +421,7 @@ class _MatrixSource:
 
     def _float(self, name: str) -> torch.Tensor:
         key = name + ".weight"
-        if name == "lm_head" and getattr(load_config(self.model_dir), "tie_word_embeddings", False):
+        if name == "lm_head" and self.tied:
             key = "model.embed_tokens.weight"
         return read_safetensors(self.model_dir, [key])[key]
 

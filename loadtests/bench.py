@@ -129,10 +129,11 @@ def check_baseline_kind(kind: str) -> None:
     """A clear error for a kind that is none of BASELINE_KINDS (vLLM's draft
     model and llama.cpp's binary are looked for when the baseline starts)."""
     from loadtests.llamacpp_baseline import is_llamacpp_kind, server_flags
+    from loadtests.vllm_baseline import is_vllm_kind
 
     if is_llamacpp_kind(kind):
         server_flags(kind)
-    elif kind not in ("vllm", "vllm-ngram") and not (kind.startswith("vllm-draft:") and kind.split(":", 1)[1]):
+    elif not is_vllm_kind(kind):
         raise ValueError(f"unknown baseline {kind!r}: expected one of {BASELINE_KINDS}")
 
 

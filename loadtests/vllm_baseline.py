@@ -36,14 +36,21 @@ class VLLMBaselineError(ValueError):
     pass
 
 
+def is_vllm_kind(kind: str) -> bool:
+    """One of KINDS (a draft's PATH is looked for when vLLM starts)."""
+    return kind in ("vllm", "vllm-ngram") or (kind.startswith("vllm-draft:") and bool(kind.split(":", 1)[1]))
+
+
 def speculative_config(kind: str) -> dict | None:
     """vLLM's own speculative_config for a baseline kind (None: plain vLLM)."""
+    if not is_vllm_kind(kind):
+        raise VLLMBaselineError(f"unknown baseline {kind!r}: expected one of {KINDS}")
     if kind == "vllm":
         return None
     if kind == "vllm-ngram":
         return {"method": "ngram", "num_speculative_tokens": NUM_SPECULATIVE_TOKENS,
                 "prompt_lookup_max": NGRAM_MAX, "prompt_lookup_min": NGRAM_MIN}
-    if kind.startswith("vllm-draft:") and kind.split(":", 1)[1]:
+    if kind.startswith("vllm-draft:"):
         from compute.model_source import ModelSourceError, resolve_model
 
         spec = kind.split(":", 1)[1]
@@ -52,7 +59,6 @@ def speculative_config(kind: str) -> dict | None:
         except ModelSourceError as exc:
             raise VLLMBaselineError(f"baseline {kind!r}: {exc}") from None
         return {"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": NUM_SPECULATIVE_TOKENS}
-    raise VLLMBaselineError(f"unknown baseline {kind!r}: expected one of {KINDS}")
 
 
 class VLLMBaseline:
