@@ -56,6 +56,8 @@ class Int4Linear(nn.Module):
         self.weight_bytes = self.packed.numel() + self.scales_zeros.numel() * 2
         self.bias: torch.Tensor | None = None  # [N], added to the bfloat16 output
 
+    input_dtype = torch.bfloat16  # the op's (with float32 it falls to a scalar loop)
+
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = INT4_GROUP) -> Int4Linear:
         """Round to nearest, asymmetric per group: 16 levels from the group's min to its max."""
@@ -71,10 +73,9 @@ class Int4Linear(nn.Module):
         return f"int4 g{self.group_size} ({self.source})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] -> [..., N] in bfloat16."""
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size, self.scales_zeros)
-        return _biased(out, self.bias).view(*x.shape[:-1], self.out_features)
+        """x [..., K] -> [..., N] in bfloat16 (float32 with a bias)."""
+        return _rows_through(x, self.out_features, lambda rows: _biased(torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows, self.packed, self.group_size, self.scales_zeros), self.bias))
 
 
 class Int8Linear(nn.Module):
@@ -90,6 +91,8 @@ class Int8Linear(nn.Module):
         self.weight_bytes = self.codes.numel() + self.scales.numel() * 2
         self.bias: torch.Tensor | None = None  # [N], added to the bfloat16 output
 
+    input_dtype = torch.bfloat16
+
     @classmethod
     def quantize(cls, weight: torch.Tensor, source: str = "int8") -> Int8Linear:
         """Round to nearest, symmetric per row: 127 is the row's largest magnitude."""
@@ -102,14 +105,21 @@ class Int8Linear(nn.Module):
         return f"int8 per-row ({self.source})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] -> [..., N] in bfloat16."""
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(rows, self.codes, self.scales)
-        return _biased(out, self.bias).view(*x.shape[:-1], self.out_features)
+        """x [..., K] -> [..., N] in bfloat16 (float32 with a bias)."""
+        return _rows_through(x, self.out_features, lambda rows: _biased(
+            torch._weight_int8pack_mm(rows, self.codes, self.scales), self.bias))
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The weight's rows `ids` [n] -> [n, K] float32 (as an embedding table)."""
         return self.codes[ids].float() * self.scales[ids].float()[:, None]
+
+
+def _rows_through(x: torch.Tensor, out_features: int, op) -> torch.Tensor:
+    """op over x [..., K] as rows [M, K] in bfloat16 -> [..., out_features]
+    (a 2-D bfloat16 x, a stage's packed rows, goes through with no op more)."""
+    if x.dim() == 2 and x.dtype == torch.bfloat16:
+        return op(x)
+    return op(x.reshape(-1, x.shape[-1]).to(torch.bfloat16)).view(*x.shape[:-1], out_features)
 
 
 def _biased(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -140,6 +150,8 @@ class Concat(nn.Module):
     def __init__(self, parts: list[nn.Module]) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
+
+    input_dtype = torch.bfloat16  # (its parts are quantized)
 
     @property
     def weight_bytes(self) -> int:

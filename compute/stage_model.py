@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -55,6 +56,7 @@ class StageModel(nn.Module):
         self.decode_time = TimeSplit()  # where this stage's one-token forwards spend their time
         self._weight_format: dict | None = None  # weight_format(), counted at its first call
         self._decoding = False  # the last forward was of one token: the head that follows it is decode time
+        self._parts: list[_LayerParts] | None = None  # per layer, what its forward reads (built at the first)
 
     @property
     def layer_end(self) -> int:
@@ -116,7 +118,7 @@ class StageModel(nn.Module):
         Not for a model that is quantized afterwards (it looks for nn.Linear)."""
         if can_pack(self.dtype) and self.device.type == "cpu":
             pack_linears(self)
-        self._weight_format = None
+        self._weight_format = self._parts = None
         return self
 
     @classmethod
@@ -252,12 +254,13 @@ class StageModel(nn.Module):
 
     def _forward_batch(self, hiddens, kvs, cancelled, before_layer, capture,
                        clock: _OpClock) -> list[list[torch.Tensor] | None]:
-        segments = _packed([_Segment(i, h.shape[1], kv, self._rotary(h, kv))
-                            for i, (h, kv) in enumerate(zip(hiddens, kvs))])
-        hidden = torch.cat(hiddens, dim=1) if len(hiddens) > 1 else hiddens[0]
-        cos, sin = (torch.cat(parts, dim=1) for parts in zip(*(seg.rotary for seg in segments)))
+        segments = _packed([_Segment(i, h.shape[1], kv) for i, (h, kv) in enumerate(zip(hiddens, kvs))])
+        hidden = (torch.cat(hiddens, dim=1) if len(hiddens) > 1 else hiddens[0])[0]  # [N, H]: the packed rows
+        rope = self._rope(hidden, segments)
         captured: list[list[torch.Tensor]] = [[] for _ in hiddens]
-        for idx, layer in enumerate(self.layers):
+        if self._parts is None:
+            self._parts = [_LayerParts.of(layer) for layer in self.layers]
+        for idx, layer in enumerate(self._parts):
             if before_layer is not None:
                 before_layer(idx)
             flags = cancelled() if cancelled is not None else None
@@ -265,24 +268,27 @@ class StageModel(nn.Module):
                 keep = [seg for seg in segments if not flags[seg.index]]
                 rows = torch.cat([torch.arange(seg.offset, seg.offset + seg.num_new, device=hidden.device)
                                   for seg in keep]) if keep else torch.empty(0, dtype=torch.long)
-                hidden, cos, sin = hidden[:, rows], cos[:, rows], sin[:, rows]
+                hidden, rope = hidden[rows], _Rope(rope.cos[rows], rope.sin_signed[rows])
                 segments = _packed(keep)
                 if not segments:
                     break
-            hidden = _decoder_layer(layer, idx, hidden, cos, sin, segments, clock)
+            hidden = _decoder_layer(layer, idx, hidden, rope, segments, clock)
             if idx in capture:
                 for seg in segments:
-                    captured[seg.index].append(hidden[:, seg.offset:seg.offset + seg.num_new])
+                    captured[seg.index].append(hidden[None, seg.offset:seg.offset + seg.num_new])
         out: list[list[torch.Tensor] | None] = [None] * len(hiddens)
         for seg in segments:  # a run's output, then what it captured
-            out[seg.index] = [hidden[:, seg.offset:seg.offset + seg.num_new], *captured[seg.index]]
+            out[seg.index] = [hidden[None, seg.offset:seg.offset + seg.num_new], *captured[seg.index]]
         return out
 
-    def _rotary(self, hidden: torch.Tensor, kv: LayerKV):
-        """A run's rotary (cos, sin) [1, n, head_dim], for positions [context_len, +n)."""
-        num_new, start = hidden.shape[1], kv.context_len
-        positions = torch.arange(start, start + num_new, device=hidden.device).unsqueeze(0)  # [1, n]
-        return self.rotary_emb(hidden, positions)
+    def _rope(self, hidden: torch.Tensor, segments: list[_Segment]) -> _Rope:
+        """The packed rows' rotary tables, each row at its run's position."""
+        positions = torch.cat([torch.arange(seg.kv.context_len, seg.kv.context_len + seg.num_new)
+                               for seg in segments]).to(hidden.device)
+        cos, sin = self.rotary_emb(hidden[None], positions[None])  # [1, N, d]
+        half = cos.shape[-1] // 2
+        # rotate_half(x) * sin == roll(x, d/2) * (-sin[:d/2], sin[d/2:]): one op for its slices, negation and join
+        return _Rope(cos[0, :, None], torch.cat([-sin[0, :, None, :half], sin[0, :, None, half:]], dim=-1))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -307,8 +313,11 @@ class _OpClock:
         self.matmul_s = self.attention_s = 0.0
 
     def matmul(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """module(x), x [N, K] -> [N, out]; forward called directly: no hooks
+        are ever set on a stage's linears, and __call__'s own overhead is a
+        sixth of a small quantized matmul."""
         started = time.perf_counter()
-        out = module(x)
+        out = module.forward(x)
         self.matmul_s += time.perf_counter() - started
         return out
 
@@ -454,6 +463,7 @@ class PackedLinear(nn.Module):
         self.format = f"dense {str(weight.dtype).removeprefix('torch.')}"
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.input_dtype = weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -466,19 +476,22 @@ def _joined(hidden: torch.Tensor, carried: torch.Tensor, captured: list[torch.Te
     return torch.cat([hidden.cpu(), carried, *(c.cpu() for c in captured)], dim=-1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class _Segment:
     """One run's rows in a packed forward."""
 
-    __slots__ = ("index", "num_new", "kv", "rotary", "offset")
+    __slots__ = ("index", "num_new", "kv", "offset")
 
-    def __init__(self, index: int, num_new: int, kv: LayerKV, rotary) -> None:
-        self.index, self.num_new, self.kv, self.rotary = index, num_new, kv, rotary
+    def __init__(self, index: int, num_new: int, kv: LayerKV) -> None:
+        self.index, self.num_new, self.kv = index, num_new, kv
         self.offset = 0
+
+
+class _Rope(NamedTuple):
+    """Rotary tables of the packed rows: cos [N, 1, d] and sin with its first
+    half negated [N, 1, d] (broadcast over heads)."""
+
+    cos: torch.Tensor
+    sin_signed: torch.Tensor
 
 
 def _packed(segments: list[_Segment]) -> list[_Segment]:
@@ -490,40 +503,90 @@ def _packed(segments: list[_Segment]) -> list[_Segment]:
     return segments
 
 
-def _decoder_layer(layer, idx, hidden, cos, sin, segments: list[_Segment], clock: _OpClock) -> torch.Tensor:
-    """One decoder layer over the packed rows hidden [1, N, H]. Every op
+@dataclass(slots=True)
+class _LayerParts:
+    """What a decoder layer's forward reads, as plain attributes: an
+    nn.Module attribute lookup costs about as much as a small op, and a
+    one-token forward does some thirty per layer."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    qkv: nn.Module
+    o: nn.Module
+    gate_up: nn.Module
+    down: nn.Module
+    qkv_dtype: torch.dtype  # what each linear takes in
+    o_dtype: torch.dtype
+    gate_up_dtype: torch.dtype
+    down_dtype: torch.dtype
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+    qk_norms: tuple[nn.Module, nn.Module] | None  # Qwen3 normalises q and k per head
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _LayerParts:
+        attn, mlp = layer.self_attn, layer.mlp
+        return cls(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                   layer.input_layernorm.variance_epsilon, attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                   mlp.down_proj, _input_dtype(attn.qkv_proj), _input_dtype(attn.o_proj),
+                   _input_dtype(mlp.gate_up_proj), _input_dtype(mlp.down_proj), attn.config.num_attention_heads,
+                   attn.config.num_key_value_heads, attn.head_dim, attn.scaling,
+                   (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else None)
+
+
+def _input_dtype(linear: nn.Module) -> torch.dtype:
+    """What a linear layer computes with: a quantized one bfloat16, a dense
+    one its weight's dtype (a dynamically quantized one, float32)."""
+    dtype = getattr(linear, "input_dtype", None)
+    if dtype is None:
+        weight = linear.weight
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+    return dtype
+
+
+def _decoder_layer(p: _LayerParts, idx, hidden, rope: _Rope, segments: list[_Segment],
+                   clock: _OpClock) -> torch.Tensor:
+    """One decoder layer over the packed rows hidden [N, H]. Every op
     computes a row the same whatever rows are beside it (batch invariance):
     the matmuls and norms reduce within a row, and attention runs a row at a
-    time over exactly the keys its position sees."""
-    attn = layer.self_attn
-    num_new, dtype = hidden.shape[1], hidden.dtype
-    num_heads, num_kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
-    eps = layer.input_layernorm.variance_epsilon
+    time over exactly the keys its position sees. Few ops: at one token a
+    forward, each op's fixed cost (a microsecond or two) is most of a layer."""
+    num_new, dtype = hidden.shape[0], hidden.dtype
+    num_heads, num_kv_heads, head_dim = p.num_heads, p.num_kv_heads, p.head_dim
 
-    x = F.rms_norm(hidden, hidden.shape[-1:], layer.input_layernorm.weight, eps)
-    qkv = clock.matmul(attn.qkv_proj, x).to(dtype).view(1, num_new, -1, attn.head_dim)  # [1, N, heads + 2 kv_heads, d]
-    qk, v = qkv[:, :, :num_heads + num_kv_heads], qkv[:, :, num_heads + num_kv_heads:]
-    if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
-        qk = torch.cat([attn.q_norm(qk[:, :, :num_heads]), attn.k_norm(qk[:, :, num_heads:])], dim=2)
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [1, N, 1, d]: broadcast over heads
-    qk = (qk * cos + _rotate_half(qk) * sin).transpose(1, 2)  # [1, heads + kv_heads, N, d]
-    q, k, v = qk[:, :num_heads], qk[:, num_heads:], v.transpose(1, 2)
+    x = F.rms_norm(hidden, hidden.shape[-1:], p.input_norm, p.eps).to(p.qkv_dtype)
+    qkv = clock.matmul(p.qkv, x).to(dtype).view(num_new, num_heads + 2 * num_kv_heads, head_dim)
+    qk, v = qkv[:, :num_heads + num_kv_heads], qkv[:, num_heads + num_kv_heads:]  # [N, heads, d]
+    if p.qk_norms is not None:
+        qk = torch.cat([p.qk_norms[0](qk[:, :num_heads]), p.qk_norms[1](qk[:, num_heads:])], dim=1)
+    qk = torch.addcmul(qk * rope.cos, qk.roll(head_dim // 2, -1), rope.sin_signed).transpose(0, 1)[None]
+    q, k, v = qk[:, :num_heads], qk[:, num_heads:], v.transpose(0, 1)[None]  # [1, heads, N, d]
     started = time.perf_counter()
-    outs = []
-    for seg in segments:  # a child run after its parent: its keys are written first
-        k_all, v_all = seg.kv.extend(idx, k[:, :, seg.offset:seg.offset + seg.num_new],
-                                     v[:, :, seg.offset:seg.offset + seg.num_new])  # [1, kv_heads, context+n, d]
-        context = seg.kv.context_len
-        for row in range(seg.offset, seg.offset + seg.num_new):
-            end = context + row - seg.offset + 1  # this position and every one before it
-            outs.append(F.scaled_dot_product_attention(q[:, :, row:row + 1], k_all[:, :, :end], v_all[:, :, :end],
-                                                       scale=attn.scaling, enable_gqa=True))
-    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    if len(segments) == 1 and num_new == 1:  # decoding: the one row over every key
+        seg = segments[0]
+        k_all, v_all = seg.kv.extend(idx, k, v)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, scale=p.scaling, enable_gqa=True)
+    else:
+        outs = []
+        for seg in segments:  # a child run after its parent: its keys are written first
+            k_all, v_all = seg.kv.extend(idx, k[:, :, seg.offset:seg.offset + seg.num_new],
+                                         v[:, :, seg.offset:seg.offset + seg.num_new])  # [1, kv_heads, context+n, d]
+            context = seg.kv.context_len
+            for row in range(seg.offset, seg.offset + seg.num_new):
+                end = context + row - seg.offset + 1  # this position and every one before it
+                outs.append(F.scaled_dot_product_attention(q[:, :, row:row + 1], k_all[:, :, :end],
+                                                           v_all[:, :, :end], scale=p.scaling, enable_gqa=True))
+        out = torch.cat(outs, dim=2)  # [1, heads, N, d]
     clock.attention_s += time.perf_counter() - started
-    hidden = hidden + clock.matmul(attn.o_proj, out.transpose(1, 2).reshape(1, num_new, -1))
-    x = F.rms_norm(hidden, hidden.shape[-1:], layer.post_attention_layernorm.weight, eps)
-    gate, up = clock.matmul(layer.mlp.gate_up_proj, x).chunk(2, dim=-1)
-    return hidden + clock.matmul(layer.mlp.down_proj, F.silu(gate) * up)
+    joined = out.new_empty((num_new, num_heads, head_dim), dtype=p.o_dtype)
+    joined.copy_(out[0].transpose(0, 1))  # the heads side by side, cast on the way: one op
+    hidden = hidden + clock.matmul(p.o, joined.view(num_new, -1))
+    x = F.rms_norm(hidden, hidden.shape[-1:], p.post_norm, p.eps).to(p.gate_up_dtype)
+    gate, up = clock.matmul(p.gate_up, x).chunk(2, dim=-1)
+    return hidden + clock.matmul(p.down, (F.silu(gate) * up).to(p.down_dtype))
 
 
 def read_safetensors(model_dir: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:

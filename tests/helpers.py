@@ -89,26 +89,15 @@ def make_tiny_model(
     return Path(out_dir)
 
 
-def greedy_reference(model_dir: Path, prompt_ids: list[int], max_new_tokens: int,
-                     eos_token_id: int | None = None) -> list[int]:
-    """Target-only greedy decoding with transformers' own generate()."""
-    model = _load_reference(model_dir)
-    input_ids = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id or 0,
-                             min_new_tokens=0)
-    return out[0, len(prompt_ids):].tolist()
-
-
-_REFERENCES: dict[Path, torch.nn.Module] = {}
-_TARGETS: dict[tuple[Path, str], StageModel] = {}
-
-
-def target_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, quantize: str = "auto") -> list[int]:
-    """Greedy decoding of the target alone as the stages compute it (a
+def greedy_reference(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, *,
+                     eos_token_id: int | None = None, quantize: str = "auto") -> list[int]:
+    """Greedy decoding of the target alone, as the stages compute it (a
     quantized one included): one stage, the prompt in one forward, then one
-    token a forward. Batch invariance makes every mode, split and batch equal it bit for bit."""
+    token a forward, up to eos_token_id (included). Batch invariance makes
+    every mode, split, batch and timing equal it bit for bit; that the
+    stages' arithmetic is the model's is tests/compute/test_stage_model.py's
+    (logits against transformers') and a real model's answers against
+    transformers' generate (tests/pipeline/test_lossless.py)."""
     key = (Path(model_dir), quantize)
     if key not in _TARGETS:
         _TARGETS[key] = StageModel.load(model_dir, 0, load_config(model_dir).num_hidden_layers, with_embed=True,
@@ -116,7 +105,7 @@ def target_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, q
     model = _TARGETS[key]
     kv = DraftKV(model.num_layers)
     hidden, tokens = model.embed(prompt_ids), []
-    while len(tokens) < max_new_tokens:
+    while len(tokens) < max_new_tokens and (not tokens or tokens[-1] != eos_token_id):
         hidden = model.forward_layers(hidden, kv)
         kv.advance(hidden.shape[1])
         tokens.append(int(model.logits(hidden[:, -1:])[0].argmax()))
@@ -124,13 +113,18 @@ def target_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, q
     return tokens
 
 
-def _load_reference(model_dir: Path):
-    model_dir = Path(model_dir)
-    if model_dir not in _REFERENCES:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
-        model.generation_config.eos_token_id = None
-        _REFERENCES[model_dir] = model.eval()
-    return _REFERENCES[model_dir]
+_TARGETS: dict[tuple[Path, str], StageModel] = {}
+
+
+def transformers_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own generate() of the model (float32), greedy."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    model.generation_config.eos_token_id = None
+    input_ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0, min_new_tokens=0)
+    return out[0, len(prompt_ids):].tolist()
 
 
 def load_engine(model: Path | str, draft: str | DraftModel | Drafter = "none", stages: int = 1,

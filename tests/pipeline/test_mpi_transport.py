@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from tests.helpers import greedy_reference, target_greedy
+from tests.helpers import greedy_reference
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ def test_quantized_mpi_ranks_equal_the_quantized_target_alone(tiny_text_model):
                           "--prompt", prompt, "--max-tokens", "16", "--ignore-eos", "--min-accept-prob", "0")
     assert [w["quantize"] for w in result["weights"]] == ["int4", "int4"]
     ids = AutoTokenizer.from_pretrained(tiny_text_model).encode(prompt)
-    assert result["token_ids"] == target_greedy(tiny_text_model, ids, 16, "int4")
+    assert result["token_ids"] == greedy_reference(tiny_text_model, ids, 16, quantize="int4")
 
 
 def test_wrong_rank_count_is_explained(tiny_text_model):

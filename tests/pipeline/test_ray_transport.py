@@ -22,7 +22,7 @@ from pipeline.ray_transport import RayTransport
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode
 from tests.compute.test_stage_model import full_model_bytes
-from tests.helpers import greedy_reference, target_greedy
+from tests.helpers import greedy_reference
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ def test_quantized_ray_stages_equal_the_quantized_target_alone(tiny_target, unre
         assert [s["weight_format"]["quantize"] for s in engine.stage_stats()] == [quantize, quantize]
         for prompt, max_tokens in (([3, 4, 5], 17), ([50, 51, 50, 51], 9)):
             out = engine.complete(GenerationRequest(tuple(prompt), max_tokens))
-            assert out.token_ids == target_greedy(tiny_target, prompt, max_tokens, quantize), mode
+            assert out.token_ids == greedy_reference(tiny_target, prompt, max_tokens, quantize=quantize), mode
 
 
 @pytest.mark.parametrize("mode", ["sync", "pipeinfer"])

@@ -35,7 +35,7 @@ def greedy_text(model_dir, tokenizer, prompt_ids, max_tokens) -> tuple[str, int]
     return tokenizer.decode(ids, skip_special_tokens=True), len(ids)
 
 
-def test_completion_equals_target_greedy(tiny_server, tiny_text_model, tokenizer):
+def test_completion_equals_greedy_reference(tiny_server, tiny_text_model, tokenizer):
     server, mode = tiny_server
     client = client_for(server)
     result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0,
