@@ -19,7 +19,7 @@ from compute.quant import QUANTIZE_CHOICES, QUANTIZE_HELP
 from compute.stage_model import DTYPES
 from compute.types import SamplingParams
 from draft_models import DRAFT_HELP, DraftSpecError
-from loadtests import pair
+from loadtests import pair, random_model
 from loadtests.bench import BASELINE_KINDS, PROMPT_SETS, BenchConfig, load_prompts
 from pipeline.engine import TRANSPORTS, Engine, EngineConfig, GenerationError
 from pipeline.sim_profiles import PROFILES
@@ -123,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
                                                       "with it at a chosen rate (loadtests/pair.py)")
     pair.add_arguments(make_pair)
     make_pair.set_defaults(handler=pair.run)
+
+    make_model = commands.add_parser("make-model", help="write a random Llama of a named shape, a layer at a "
+                                                        "time, for speed figures (loadtests/random_model.py)")
+    random_model.add_arguments(make_model)
+    make_model.set_defaults(handler=random_model.run)
 
     train_draft = commands.add_parser("train-draft", help="train a draft head for a target by self-distillation "
                                                           "(use it with --draft head:DIR)")
@@ -338,8 +343,9 @@ def format_summary(results: dict) -> str:
     bandwidth = "  ".join(f"{name} " + "/".join("-" if f is None else f"{f:.2f}" for f in figures["stage_bandwidth_frac"])
                           for name, figures in results["modes"].items() if figures.get("stage_bandwidth_frac"))
     if bandwidth:
-        bandwidth = (f"\nshare of the bandwidth floor per stage (decode forwards, "
-                     f"{results['setup']['machine']['read_gb_per_s']} GB/s): {bandwidth}")
+        reads = "/".join(f"{b:g}" for b in results["setup"]["stage_read_gb_per_s"])
+        bandwidth = (f"\nshare of the bandwidth floor per stage (decode forwards; its cores read {reads} GB/s, "
+                     f"the machine {results['setup']['machine']['read_gb_per_s']}): {bandwidth}")
     return f"{format_table(rows)}\n{ratios}{bandwidth}"
 
 

@@ -105,7 +105,12 @@ class StageBackend(Protocol):
     def device(self) -> torch.device: ...
 
     def parameter_bytes(self) -> int:
-        """Bytes of weights one forward reads (the bandwidth floor's numerator)."""
+        """Bytes of weights held."""
+        ...
+
+    def decode_read_bytes(self) -> int:
+        """Bytes of weights a one-token forward reads (the bandwidth floor's
+        numerator): an embedding table is a row a token."""
         ...
 
     def weight_format(self) -> dict:

@@ -86,6 +86,15 @@ class StageModel(nn.Module):
         held = sum(m.weight_bytes for m in self.modules() if isinstance(m, (PackedLinear, *QUANTIZED)))
         return held + sum(p.numel() * p.element_size() for p in self.parameters())
 
+    def decode_read_bytes(self) -> int:
+        """Weight bytes a one-token forward reads: all it holds but an
+        embedding table of its own (a token reads one row of it)."""
+        embed = self.embed_tokens
+        if embed is None or isinstance(embed, Int8Embedding) and embed.table is self.lm_head:
+            return self.parameter_bytes()
+        table = embed.weight_bytes if isinstance(embed, Int8Embedding) else embed.weight.numel() * embed.weight.element_size()
+        return self.parameter_bytes() - table
+
     def weight_format(self) -> dict:
         """How this stage holds its weights: the quantization, each format's
         matrix count, and bytes a weight over every weight it holds (counted

@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from compute.model_source import resolve_model
 from compute.stage_model import DTYPES, PackedLinear, can_pack
 from compute.threads import on_passing_thread
 from compute.types import GenerationRequest, SamplingParams, check_context
@@ -32,6 +33,7 @@ from loadtests.bench_plots import write_plots
 from loadtests.bench_summary import Floor, ModeRecord, head_cost, outputs_match, ratios, summarize
 from loadtests.calibrate import calibrate
 from loadtests.timing import RequestTiming
+from pipeline.cores import machine_cores
 from pipeline.engine import Engine, EngineConfig, GenerationError
 from pipeline.sim_profiles import get_profile
 from pipeline.trace import StageSpan
@@ -212,12 +214,17 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     # Before the weights take memory, on a passing thread: a thread that ran parallel
     # torch ops keeps its OpenMP pool spinning beside the stages (compute/threads.py).
-    bandwidth = None if config.engine.simulate else on_passing_thread(read_bandwidth)
+    # Per stage with its own cores' threads, and with every core (the machine's figure).
+    cores_per_stage = [min(len(machine_cores()), max(1, int(plan.num_cpus)))
+                       for plan in config.engine.plans(resolve_model(config.engine.model, show_progress))]
+    bandwidths = {} if config.engine.simulate else {
+        n: on_passing_thread(lambda n=n: read_bandwidth(threads=n)) for n in {*cores_per_stage, len(machine_cores())}}
     engine = Engine.load(config.engine, show_progress=show_progress)
     runners: list[Runner] = [EngineModeRunner(engine, mode) for mode in config.modes]
     try:
-        floor = None if bandwidth is None else Floor([s["parameter_bytes"] for s in engine.stage_stats()], bandwidth,
-                                                     config.engine.speculation.draft_len + 1)
+        floor = None if not bandwidths else Floor([s["decode_read_bytes"] for s in engine.stage_stats()],
+                                                  [bandwidths[n] for n in cores_per_stage],
+                                                  config.engine.speculation.draft_len + 1)
         prompts = [encode_prompt(engine, p) for p in config.prompts]
         check_context(max(len(p) for p in prompts), config.max_tokens, engine.max_context, "--max-tokens")
         # llama.cpp: our stages' cores, a slot per request in flight, each slot the longest request's context
@@ -237,7 +244,8 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
                 runner.close()
         engine.close()
     results = _results(config, engine, records, floor, stage_stats,
-                       {r.name: r.version for r in runners if isinstance(r, BaselineRunner)})
+                       {r.name: r.version for r in runners if isinstance(r, BaselineRunner)},
+                       bandwidths.get(len(machine_cores())))
     if during_long is not None:
         results["long_prompt"] = during_long
     results["files"] = write_plots(results, records, config.out_dir)
@@ -263,11 +271,14 @@ def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
-def read_bandwidth(num_bytes: int = 1 << 29, repeats: int = 5) -> float:
-    """This machine's memory read bandwidth (bytes/s) with every core: the
-    best of a few passes over a buffer far larger than any cache, read by a
-    sum and, where oneDNN is here, by the packed matrix-vector product the
-    stages decode with (it streams faster: 42 GB/s against 38 measured here)."""
+def read_bandwidth(num_bytes: int = 1 << 29, repeats: int = 5, threads: int | None = None) -> float:
+    """This machine's memory read bandwidth (bytes/s) with `threads` torch
+    threads (default: as many as there are): the best of a few passes over a
+    buffer far larger than any cache, read by a sum and, where oneDNN is
+    here, by the packed matrix-vector product the stages decode with (it
+    streams faster: 42 GB/s against 38 measured here)."""
+    if threads is not None:
+        torch.set_num_threads(threads)  # (the caller's passing thread's)
     buffer = torch.ones(num_bytes // 4)
     reads = [buffer.sum]
     if can_pack(torch.float32):
@@ -346,7 +357,8 @@ def _measure(config: BenchConfig, runners: list[Runner], prompts: list[list[int]
 
 
 def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord], floor: Floor | None,
-             stage_stats: list[dict], baseline_versions: dict[str, str | None] | None = None) -> dict:
+             stage_stats: list[dict], baseline_versions: dict[str, str | None] | None = None,
+             machine_read_bytes_per_s: float | None = None) -> dict:
     profile = get_profile(config.engine.simulate) if config.engine.simulate else None
     modes = {record.key: summarize(record, profile, floor) for record in records}
     baseline_names = sorted({r.name for r in records if r.name not in {m.value for m in Mode}})
@@ -358,7 +370,8 @@ def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord], flo
         setup["baseline_versions"] = baseline_versions
     setup["weights"] = [stats["weight_format"] for stats in stage_stats if "weight_format" in stats]
     if floor is not None:
-        setup["machine"]["read_gb_per_s"] = round(floor.read_bytes_per_s / 1e9, 2)
+        setup["machine"]["read_gb_per_s"] = round(machine_read_bytes_per_s / 1e9, 2)  # every core
+        setup["stage_read_gb_per_s"] = [round(b / 1e9, 2) for b in floor.stage_read_bytes_per_s]
         setup["stage_weight_bytes"] = floor.stage_weight_bytes
     results = {
         "setup": setup,

@@ -29,12 +29,14 @@ class ModeRecord:
 
 @dataclass(frozen=True, slots=True)
 class Floor:
-    """What the bandwidth floor of a real run needs: each stage's weight
-    bytes (read once per forward), the machine's measured read bandwidth,
-    and the largest run of a decode step (longer ones are prompts)."""
+    """What the bandwidth floor of a real run needs: the weight bytes each
+    stage's one-token forward reads (of an embedding table, a row), the
+    memory read bandwidth of each stage's own cores (measured: one core
+    reads half what two do here), and the largest run of a decode step
+    (longer ones are prompts)."""
 
     stage_weight_bytes: list[int]
-    read_bytes_per_s: float
+    stage_read_bytes_per_s: list[float]
     max_decode_run_tokens: int
 
 
@@ -86,13 +88,14 @@ def summarize(record: ModeRecord, profile: ClusterProfile | None = None, floor: 
 
 def _bandwidth_fractions(passes, floor: Floor) -> list[float | None]:
     """Per stage: its weight bytes over its mean decode forward, as a share
-    of the machine's read bandwidth (1.0: the stage streams its weights as
-    fast as memory can deliver them; the rest is compute and overhead)."""
+    of the read bandwidth of its cores (1.0: the stage streams its weights
+    as fast as its cores can read memory; the rest is compute and overhead)."""
     fractions = []
-    for stage, weight_bytes in enumerate(floor.stage_weight_bytes):
+    for stage, (weight_bytes, read_bytes_per_s) in enumerate(zip(floor.stage_weight_bytes,
+                                                                 floor.stage_read_bytes_per_s)):
         times = [f.duration_s for f in passes if f.stage == stage and f.num_tokens and all(
             span.num_tokens <= floor.max_decode_run_tokens for span in f.spans if span.outcome != "skipped")]
-        fractions.append(_ratio(weight_bytes * len(times), sum(times) * floor.read_bytes_per_s) if times else None)
+        fractions.append(_ratio(weight_bytes * len(times), sum(times) * read_bytes_per_s) if times else None)
     return fractions
 
 

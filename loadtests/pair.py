@@ -124,6 +124,12 @@ SHAPES: dict[str, PairShape] = {
     # small and the MLP wide: a 1-layer draft is ~0.24 of a 10-layer stage.
     "0.7b": PairShape(num_layers=40, hidden_size=512, intermediate_size=11264, num_heads=8, num_kv_heads=4,
                       vocab_size=49152),
+    # Llama-3-8B's decoder (32 layers of 4096, MLP 14336, 32 heads, 8 for keys
+    # and values) with the default tokenizer's vocabulary: 7.4B parameters.
+    # For speed figures (pipeinfer make-model): too large to bisect a damping.
+    "8b": PairShape(num_layers=32, hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8,
+                    vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=False,
+                    initializer_range=0.02),
 }
 
 

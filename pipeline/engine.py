@@ -48,9 +48,8 @@ class EngineConfig:
     dtype: str = "float32"  # float32 on CPU keeps the split exact and is not slower here
     device: str = "cpu"  # every stage's, unless its plan names one: cpu | cuda[:N]
     # How the stages hold the weights (compute/quant.py); one for every stage:
-    # they compute one target.
-    # "none" until the head and the HTTP suites are retrained/re-judged for the GGUF target (issue 27 note).
-    quantize: str = "none"
+    # they compute one target. auto: a GGUF's own blocks, a safetensors model dense.
+    quantize: str = "auto"
     transport: str = "local"  # local | ray | mpi
     ray_address: str | None = None  # ray transport: None starts a local Ray; "auto" or an address joins one
     kv_budget_bytes: int | None = None  # per stage: new sequences are refused beyond it

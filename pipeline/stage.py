@@ -84,6 +84,7 @@ class Stage:
             "layers": [self.model.layer_start, self.model.layer_end],
             "device": str(self.model.device),
             "parameter_bytes": self.model.parameter_bytes(),
+            "decode_read_bytes": self.model.decode_read_bytes(),
             "weight_format": self.model.weight_format(),
             "decode_timing": self.model.decode_timing(),
             "kv_bytes": kv_bytes,

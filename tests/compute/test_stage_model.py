@@ -57,6 +57,25 @@ def test_tied_embeddings_are_held_by_both_ends(tiny_targets):
     assert first.parameter_bytes() + last.parameter_bytes() == full_model_bytes(model_dir) + embed_bytes
 
 
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_a_decode_forward_reads_all_but_an_embedding_table_of_its_own(tiny_targets, quantize):
+    """The bandwidth floor's numerator: a token reads one row of the embedding,
+    so a first stage reads its weights less the table, unless the table is
+    also its head (a tied model on one stage)."""
+    for arch, model_dir in (("llama", tiny_targets["llama"]), ("llama-tied", tiny_targets["llama-tied"])):
+        layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+        whole = StageModel.load(model_dir, 0, layers, with_embed=True, with_head=True, quantize=quantize).pack_weights()
+        first = StageModel.load(model_dir, 0, 1, with_embed=True, with_head=False, quantize=quantize).pack_weights()
+        last = StageModel.load(model_dir, 1, layers, with_embed=False, with_head=True, quantize=quantize).pack_weights()
+        config = json.loads((model_dir / "config.json").read_text())
+        table = config["vocab_size"] * config["hidden_size"] * (4 if quantize == "none" else 1)  # int8 rows
+        table += 0 if quantize == "none" else config["vocab_size"] * 2  # and their bf16 scales
+        assert last.decode_read_bytes() == last.parameter_bytes()
+        assert first.decode_read_bytes() == first.parameter_bytes() - table
+        shares_table = arch == "llama-tied" and quantize != "none"  # (packed, a dense tied head is a copy)
+        assert whole.decode_read_bytes() == whole.parameter_bytes() - (0 if shares_table else table), arch
+
+
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("num_stages", [1, 3])
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])

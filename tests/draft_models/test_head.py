@@ -321,13 +321,14 @@ def test_a_data_part_from_other_prompts_is_refused(tiny_text_model, tmp_path, mo
 def test_the_shipped_head_is_lossless_and_guesses_well(default_model, stages):
     """The default model with head:default on two chat prompts it never
     trained on: the target's greedy text, and guesses accepted (sync mode,
-    4 guesses a run): over both, more than 1.5 tokens a verification (a head
+    4 guesses a run, every one launched: no bar measured from timing): over
+    both, more than 1.5 tokens a verification (a head
     that guesses nothing right gives 1; one prompt alone varies: 1.4 to
     1.9 over the everyday set's prompts with the previous head)."""
     messages = [[{"role": "user", "content": "What should I pack for a weekend hiking trip in the mountains?"}],
                 [{"role": "user", "content": "Give me two tips for learning to cook."}]]
     generated = verifications = 0
-    with load_engine(default_model, "head:default", stages, Mode.SYNC, draft_len=4) as engine:
+    with load_engine(default_model, "head:default", stages, Mode.SYNC, draft_len=4, min_accept_prob=0.0) as engine:
         for message in messages:
             ids = engine.encode_chat(message)
             out = engine.complete(GenerationRequest(tuple(ids), 32))

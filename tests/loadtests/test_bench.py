@@ -14,6 +14,7 @@ from cluster.cli import main
 from loadtests.bench import load_prompts
 from loadtests.bench_summary import Floor, ModeRecord, ratios, summarize
 from loadtests.timing import RequestTiming
+from pipeline.speculation import SpeculationConfig
 from pipeline.trace import StageSpan, forwards
 from tests.helpers import make_tiny_model_with_tokenizer
 
@@ -60,8 +61,9 @@ def test_bench_writes_results_plots_and_trace(tmp_path, tiny_text_model):
     assert results["modes"]["ar@c3"]["num_requests"] == 6  # 3 in flight: the prompts repeat
     assert results["modes"]["ar"]["num_tokens"] == 4 * 12  # EOS ignored: every mode does the same work
     assert results["setup"]["clock"] == "wall seconds"
-    # Per stage, its share of the bandwidth floor: its weights over a decode forward, against the machine's reads.
+    # Per stage, its share of the bandwidth floor: its weights over a decode forward, against its cores' reads.
     assert results["setup"]["machine"]["read_gb_per_s"] > 0 and len(results["setup"]["stage_weight_bytes"]) == 2
+    assert len(results["setup"]["stage_read_gb_per_s"]) == 2 and min(results["setup"]["stage_read_gb_per_s"]) > 0
     for name in ("ar", "ar@c3"):
         assert all(0 < f for f in results["modes"][name]["stage_bandwidth_frac"]), name
     check_decode_timing(results, 2)
@@ -103,7 +105,7 @@ def test_batched_runs_share_their_forward_s_time_by_tokens():
     timing = RequestTiming(0, [0.5], [1], [7], stats={"cancelled_run_ids": [0], "num_accepted_tokens": 0,
                                                       "num_draft_tokens": 0, "num_generated_tokens": 1,
                                                       "num_verify_steps": 1, "num_runs_cancelled": 1, "num_runs": 5})
-    floor = Floor([6_000_000], read_bytes_per_s=1e9, max_decode_run_tokens=2)
+    floor = Floor([6_000_000], stage_read_bytes_per_s=[1e9], max_decode_run_tokens=2)
     summary = summarize(ModeRecord("pipeinfer", 1, [timing], spans, duration_s=3.0), floor=floor)
     assert summary["wasted_stage_compute_frac"] == pytest.approx(0.25 / 3, abs=1e-4)  # (rounded to 4 places)
     assert summary["stage_bandwidth_frac"] == [pytest.approx(0.006)]  # 6 MB in the 1 s decode forward, of 1 GB/s
@@ -185,7 +187,7 @@ def test_calibrated_profile_replays_the_run_it_was_measured_on(tmp_path, eight_l
                                                                            rel=0.02)
         # A prompt is not a long decode run: its own per-token time (the 5 prompts are 7 to 18 tokens).
         assert profile.stage_time_s(stage, 16) == pytest.approx(source.stage_time_s(stage, 16), rel=0.1)
-    assert profile.max_decode_tokens == 10  # 2 * draft_len + 2
+    assert profile.max_decode_tokens == 2 * SpeculationConfig().draft_len + 2
     assert profile.draft_token_s == pytest.approx(source.draft_call_s / 2 + source.draft_token_s, rel=0.05)
     assert main([*common, "--simulate", str(measured / "profile.json"), "--out", str(replayed)]) == 0
     second = json.loads((replayed / "results.json").read_text())
