@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from loadtests.bench_summary import ModeRecord  # noqa: E402
-from pipeline.trace import StageSpan  # noqa: E402
+from pipeline.trace import StageSpan, forwards  # noqa: E402
 
 RUN_COLOURS = {"canonical": "#2b8a3e", "speculative": "#1c7ed6", "cancelled": "#e03131"}
 
@@ -119,17 +119,22 @@ def _timeline(spans: list[StageSpan], cancelled: set[int], path: Path, title: st
     origin = min(span.start_s for span in spans)
     stages = sorted({span.stage for span in spans})
     fig, ax = plt.subplots(figsize=(11, 1 + 0.45 * len(stages)))
-    for span in spans:
-        kind = run_kind(span, cancelled)
-        ax.broken_barh([(1000 * (span.start_s - origin), max(1000 * span.duration_s, 1e-3))],
-                       (span.stage - 0.4, 0.8), facecolors=RUN_COLOURS[kind], edgecolor="white", linewidth=0.3)
+    for forward in forwards(spans):  # runs that shared a forward split its bar by their share of its tokens
+        at = 1000 * (forward.start_s - origin)
+        for span in forward.spans:
+            width = 1000 * forward.duration_s * forward.share(span)
+            if width > 0:
+                ax.broken_barh([(at, max(width, 1e-3))], (span.stage - 0.4, 0.8),
+                               facecolors=RUN_COLOURS[run_kind(span, cancelled)], edgecolor="white", linewidth=0.3)
+            at += width
     ax.set_yticks(stages, [f"stage {s}" + (_split_label(decode_timing[s]) if s in decode_timing else "")
                            for s in stages], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(f"ms since the request's first run ({clock})")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in RUN_COLOURS.values()]
     ax.legend(handles, list(RUN_COLOURS), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title(f"{title}\nruns of one request per stage", fontsize=9)
+    ax.set_title(f"{title}\nruns of one request per stage (runs sharing a forward split its bar by their tokens)",
+                 fontsize=9)
     _save(fig, path)
 
 

@@ -82,7 +82,7 @@ class SequenceKV:
         end = start + k.shape[2]
         self._keys[layer] = append_at(self._keys[layer], start, k)
         self._values[layer] = append_at(self._values[layer], start, v)
-        return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
+        return self._keys[layer].narrow(2, 0, end), self._values[layer].narrow(2, 0, end)
 
     def committed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.committed_len == 0:
