@@ -218,10 +218,11 @@ def _serve_mpi_stage(args: argparse.Namespace) -> bool:
         check_rank_count(args.stages, config.draft_has_worker)  # before loading anything; the error aborts every rank
         return False
     model_dir = resolve_model(config.model, show_progress=False)
-    if rank == args.stages + 1:
-        run_draft_worker(config.draft, str(model_dir), config.dtype, config.draft_cpus)
-        return True
     plans = config.plans(model_dir)  # the split rank 0's engine makes
+    if rank == args.stages + 1:
+        run_draft_worker(config.draft, str(model_dir), config.dtype, config.draft_cpus,
+                         [int(plan.num_cpus) for plan in plans])
+        return True
     run_stage_worker(str(model_dir), plans, config.dtype, config.kv_budget_bytes)
     return True
 
@@ -346,6 +347,10 @@ def format_summary(results: dict) -> str:
         reads = "/".join(f"{b:g}" for b in results["setup"]["stage_read_gb_per_s"])
         bandwidth = (f"\nshare of the bandwidth floor per stage (decode forwards; its cores read {reads} GB/s, "
                      f"the machine {results['setup']['machine']['read_gb_per_s']}): {bandwidth}")
+    hops = (results.get("hops") or {}).get("measured")
+    if hops:
+        bandwidth += (f"\na hop: {hops['ms_per_hop_p50']:g} ms (a ping's round trip through the idle pipeline, "
+                      f"{hops['round_trip_ms_p50']:g} ms over {hops['hops']} hops)")
     return f"{format_table(rows)}\n{ratios}{bandwidth}"
 
 

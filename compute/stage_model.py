@@ -55,6 +55,7 @@ class StageModel(nn.Module):
         self._dtype = torch.float32  # of the hidden states (the residual stream); set by load()
         self.decode_time = TimeSplit()  # where this stage's one-token forwards spend their time
         self._weight_format: dict | None = None  # weight_format(), counted at its first call
+        self._parameter_bytes: int | None = None  # parameter_bytes(), likewise
         self._decoding = False  # the last forward was of one token: the head that follows it is decode time
         self._parts: list[_LayerParts] | None = None  # per layer, what its forward reads (built at the first)
 
@@ -83,8 +84,12 @@ class StageModel(nn.Module):
         return next(iter(self.parameters())).device
 
     def parameter_bytes(self) -> int:
-        held = sum(m.weight_bytes for m in self.modules() if isinstance(m, (PackedLinear, *QUANTIZED)))
-        return held + sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of weights held (counted once, as weight_format: a stage's
+        stats go out after every KV op, and a count walks every module)."""
+        if self._parameter_bytes is None:
+            held = sum(m.weight_bytes for m in self.modules() if isinstance(m, (PackedLinear, *QUANTIZED)))
+            self._parameter_bytes = held + sum(p.numel() * p.element_size() for p in self.parameters())
+        return self._parameter_bytes
 
     def decode_read_bytes(self) -> int:
         """Weight bytes a one-token forward reads: all it holds but an
@@ -127,7 +132,7 @@ class StageModel(nn.Module):
         Not for a model that is quantized afterwards (it looks for nn.Linear)."""
         if can_pack(self.dtype) and self.device.type == "cpu":
             pack_linears(self)
-        self._weight_format = self._parts = None
+        self._weight_format = self._parameter_bytes = self._parts = None
         return self
 
     @classmethod

@@ -235,6 +235,7 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
                                           threads=threads, slots=max(max(config.concurrency), 1), ctx=ctx))
         for runner in runners:  # warm up: first-call costs (allocation, compilation) stay out of the figures
             runner.run(prompts[:1], min(4, config.max_tokens), 1)
+        hops = None if config.engine.simulate else engine.transport.measure_hops()
         records = _measure(config, runners, prompts, show_progress)
         during_long = _short_during_long(engine, prompts[0], config.long_prompt) if config.long_prompt else None
         stage_stats = engine.stage_stats()  # before close: Ray's and MPI's stages answer only while they run
@@ -245,7 +246,7 @@ def run_bench(config: BenchConfig, show_progress: bool = True) -> dict:
         engine.close()
     results = _results(config, engine, records, floor, stage_stats,
                        {r.name: r.version for r in runners if isinstance(r, BaselineRunner)},
-                       bandwidths.get(len(machine_cores())))
+                       bandwidths.get(len(machine_cores())), hops)
     if during_long is not None:
         results["long_prompt"] = during_long
     results["files"] = write_plots(results, records, config.out_dir)
@@ -358,7 +359,7 @@ def _measure(config: BenchConfig, runners: list[Runner], prompts: list[list[int]
 
 def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord], floor: Floor | None,
              stage_stats: list[dict], baseline_versions: dict[str, str | None] | None = None,
-             machine_read_bytes_per_s: float | None = None) -> dict:
+             machine_read_bytes_per_s: float | None = None, hops: dict | None = None) -> dict:
     profile = get_profile(config.engine.simulate) if config.engine.simulate else None
     modes = {record.key: summarize(record, profile, floor) for record in records}
     baseline_names = sorted({r.name for r in records if r.name not in {m.value for m in Mode}})
@@ -381,6 +382,13 @@ def _results(config: BenchConfig, engine: Engine, records: list[ModeRecord], flo
         # per stage, a one-token forward (every mode's decoding): its matmuls, attention and the rest
         "decode_timing": [{"stage": stats["stage"], **stats["decode_timing"]}
                           for stats in stage_stats if "decode_timing" in stats],
+        # per stage: runs computed over forwards computed, every mode and concurrency (runs that shared forwards)
+        "runs_per_forward": [round(stats["num_runs_computed"] / max(stats["num_forwards"], 1), 3)
+                             for stats in stage_stats if "num_forwards" in stats],
+        # measured: pings through the idle pipeline (a hop's cost); links: per link into a stage
+        # (Ray's data plane), its messages, bytes and time from send to the stage taking it
+        "hops": {"measured": hops, "links": [{"into_stage": stats["stage"], **stats["hop_in"]}
+                                             for stats in stage_stats if "hop_in" in stats]},
     }
     if any(stats.get("draft_head_tokens") for stats in stage_stats):
         results["draft_head"] = head_cost(stage_stats, records)

@@ -16,6 +16,7 @@ from loadtests.bench_summary import ModeRecord  # noqa: E402
 from pipeline.trace import StageSpan, forwards  # noqa: E402
 
 RUN_COLOURS = {"canonical": "#2b8a3e", "speculative": "#1c7ed6", "cancelled": "#e03131"}
+HOP_COLOUR = "#868e96"  # a run between two stages: the hop, and any wait for the next stage
 
 
 def write_plots(results: dict, records: list[ModeRecord], out_dir: Path) -> dict[str, str]:
@@ -127,15 +128,26 @@ def _timeline(spans: list[StageSpan], cancelled: set[int], path: Path, title: st
                 ax.broken_barh([(at, max(width, 1e-3))], (span.stage - 0.4, 0.8),
                                facecolors=RUN_COLOURS[run_kind(span, cancelled)], edgecolor="white", linewidth=0.3)
             at += width
+    for start, end, stage in _hops(spans):  # a thin bar between the two rows
+        ax.broken_barh([(1000 * (start - origin), max(1000 * (end - start), 1e-3))], (stage + 0.4, 0.2),
+                       facecolors=HOP_COLOUR)
     ax.set_yticks(stages, [f"stage {s}" + (_split_label(decode_timing[s]) if s in decode_timing else "")
                            for s in stages], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(f"ms since the request's first run ({clock})")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in RUN_COLOURS.values()]
-    ax.legend(handles, list(RUN_COLOURS), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in (*RUN_COLOURS.values(), HOP_COLOUR)]
+    ax.legend(handles, [*RUN_COLOURS, "hop"], fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(f"{title}\nruns of one request per stage (runs sharing a forward split its bar by their tokens)",
                  fontsize=9)
     _save(fig, path)
+
+
+def _hops(spans: list[StageSpan]) -> list[tuple[float, float, int]]:
+    """(left stage i, reached stage i + 1, i) for every run computed on two
+    consecutive stages: what crossing the link took, waits included."""
+    by_run = {(span.run_id, span.stage): span for span in spans if span.outcome == "computed"}
+    return [(span.end_s, by_run[span.run_id, span.stage + 1].start_s, span.stage)
+            for (run_id, stage), span in by_run.items() if (run_id, stage + 1) in by_run]
 
 
 def _split_label(timing: dict) -> str:

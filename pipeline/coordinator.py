@@ -282,8 +282,10 @@ class Coordinator:
             in_pipeline = len(seq.chain)  # runs submitted before this launch
             while len(seq.chain) < cap:
                 # A run chained behind one launched now rides in its forward where the transport
-                # shares forwards (they enter together): its guesses cost tokens of that run, not a run.
-                rides = self.transport.shares_forwards and len(seq.chain) > in_pipeline
+                # shares forwards and there is one stage: its guesses cost tokens of that run, not a
+                # run. With several, the first stage computes it next, overlapping its parent (stage_loop.py).
+                rides = (self.transport.shares_forwards and self.transport.num_stages == 1
+                         and len(seq.chain) > in_pipeline)
                 guesses, value = self._worth_launching(seq, rides)
                 if seq.chain and not guesses:
                     break

@@ -3,27 +3,23 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 
-import torch
 
 from pipeline.cores import own_cores, shares_cores
-from pipeline.stage import Stage, stage_failure
+from pipeline.stage import Stage
+from pipeline.stage_loop import STOP, StageLoop, every_message
 from pipeline.trace import StageSpan
 from pipeline.transport import ResultSink, Transport
-from pipeline.types import FreeSequence, KVOp, Run, RunResult
-
-log = logging.getLogger(__name__)
+from pipeline.types import Delivery, FreeSequence, KVOp, Ping, Run, RunResult
 
 # Injected latency: (stage_index, layer_index) -> seconds to sleep before that layer.
 LayerDelay = Callable[[int, int], float]
 
-_STOP = object()
 # The first stage waits up to this share of its last forward for the next
 # runs of sequences that are back at the coordinator (see _Returning).
 BATCH_WAIT_SHARE = 0.25
@@ -61,7 +57,7 @@ class _Returning:
 
 
 class LocalTransport(Transport):
-    shares_forwards = True  # a stage takes every run waiting for it in one forward (_waiting)
+    shares_forwards = True  # a stage takes every run waiting for it in one forward (StageLoop)
 
     def __init__(self, stages: list[Stage], layer_delay: LayerDelay | None = None,
                  cores: list[list[int]] | None = None) -> None:
@@ -78,7 +74,7 @@ class LocalTransport(Transport):
         self._threads: list[threading.Thread] = []
         self._on_result: ResultSink | None = None
         self._returning = _Returning()
-        self._forward_s = 0.0  # the first stage's last forward
+        self._first_loop: StageLoop | None = None
 
     def start(self, on_result: ResultSink) -> None:
         self._on_result = on_result
@@ -98,7 +94,7 @@ class LocalTransport(Transport):
     def send_kv_op(self, op: KVOp) -> None:
         if isinstance(op, FreeSequence):
             self._returning.freed(op.seq_id)
-        self._inboxes[0].put((op, None))
+        self._inboxes[0].put(op)
 
     def cancel(self, seq_id: int, run_ids: list[int]) -> None:
         self._returning.left(seq_id, run_ids)
@@ -120,42 +116,39 @@ class LocalTransport(Transport):
         return [span for stage in self.stages for span in stage.spans.drain()]
 
     def close(self) -> None:
-        self._inboxes[0].put(_STOP)
+        self._inboxes[0].put(STOP)
         for thread in self._threads:
             thread.join(timeout=10)
 
     def _stage_loop(self, index: int) -> None:
-        stage, inbox = self.stages[index], self._inboxes[index]
-        outbox = self._inboxes[index + 1] if index + 1 < self.num_stages else None
-        before_layer = self._delay_hook(index)
-        torch.set_grad_enabled(False)
         if self._cores:
             own_cores(self._cores[index])
-        while True:
-            messages = self._waiting(inbox, index)
-            batch: list[tuple[Run, torch.Tensor | None]] = []
-            for message in messages:
-                if message is _STOP:
-                    self._handle_runs(stage, batch, outbox, before_layer)
-                    if outbox is not None:
-                        outbox.put(_STOP)
-                    return
-                if isinstance(message, list):  # runs (and their hidden states) that travel together
-                    batch += message
-                    continue
-                item, _ = message
-                if any(run.seq_id == item.seq_id for run, _ in batch):  # its sequence's runs first
-                    self._handle_runs(stage, batch, outbox, before_layer)
-                    batch = []
-                self._handle_kv_op(stage, item, outbox)  # (another sequence's op commutes with the batch)
-            self._handle_runs(stage, batch, outbox, before_layer)
+        outbox = self._inboxes[index + 1] if index + 1 < self.num_stages else None
+        inbox = self._inboxes[index]
+        take = (lambda: self._waiting(inbox)) if index == 0 else (lambda: every_message(inbox))
+        loop = StageLoop(self.stages[index], take, outbox and outbox.put, self._deliver, self._delay_hook(index))
+        if index == 0:
+            self._first_loop = loop
+        loop.run()
 
-    def _waiting(self, inbox: queue.SimpleQueue, index: int) -> list:
-        """Every message waiting (at least one): its runs go through the
-        layers together. The first stage also waits, up to BATCH_WAIT_SHARE
-        of its last forward, for the runs of sequences back at the coordinator."""
+    def send_ping(self, ping: Ping) -> bool:
+        self._inboxes[0].put(ping)
+        return True
+
+    def _deliver(self, delivery: Delivery | Ping) -> None:
+        if isinstance(delivery, Ping):
+            self.ping_arrived(delivery)
+            return
+        if isinstance(delivery, RunResult):
+            self._returning.left(delivery.seq_id, [delivery.run_id])
+        self._on_result(delivery)
+
+    def _waiting(self, inbox: queue.SimpleQueue) -> list:
+        """The first stage's: every message waiting (at least one), and up to
+        BATCH_WAIT_SHARE of its last forward for the runs of sequences back
+        at the coordinator."""
         messages = [inbox.get()]
-        deadline = time.monotonic() + BATCH_WAIT_SHARE * self._forward_s if index == 0 else 0.0
+        deadline = time.monotonic() + BATCH_WAIT_SHARE * self._first_loop.forward_s
         while True:
             try:
                 messages.append(inbox.get_nowait())
@@ -163,45 +156,13 @@ class LocalTransport(Transport):
             except queue.Empty:
                 pass
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or any(m is _STOP for m in messages) or not self._returning.any_besides(
+            if remaining <= 0 or STOP in messages or not self._returning.any_besides(
                     {run.seq_id for m in messages if isinstance(m, list) for run, _ in m}):
                 return messages
             try:
                 messages.append(inbox.get(timeout=remaining))
             except queue.Empty:
                 return messages
-
-    def _handle_runs(self, stage: Stage, batch: list, outbox, before_layer) -> None:
-        if not batch:
-            return
-        started = time.monotonic()
-        try:
-            outs = stage.process_batch(batch, before_layer)
-        except Exception as exc:  # a failing stage fails the runs' requests, not the server
-            log.exception("stage %d failed on runs %s", stage.stage_index, [run.run_id for run, _ in batch])
-            outs = [stage_failure(run, stage.stage_index, exc) for run, _ in batch]
-        if stage.is_first:
-            self._forward_s = time.monotonic() - started
-        onward = []
-        for (run, _), out in zip(batch, outs):
-            if out is None:
-                continue
-            if isinstance(out, RunResult):
-                self._returning.left(run.seq_id, [run.run_id])
-                self._on_result(out)
-            else:
-                onward.append((run, out))
-        if onward:
-            outbox.put(onward)  # the next stage takes them in one forward too
-
-    def _handle_kv_op(self, stage: Stage, op: KVOp, outbox) -> None:
-        try:
-            stage.apply(op)
-        except Exception as exc:
-            log.exception("stage %d failed on %r", stage.stage_index, op)
-            self._on_result(stage_failure(op, stage.stage_index, exc))
-        if outbox is not None:
-            outbox.put((op, None))
 
     def _delay_hook(self, index: int) -> Callable[[int], None] | None:
         if self._layer_delay is None:

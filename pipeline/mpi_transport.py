@@ -2,22 +2,26 @@
 
 Rank 0 runs the coordinator; rank i (1..N) runs stage i-1; a draft that
 computes runs on a rank of its own, N+1, as PipeInfer runs it. Work (runs
-and KV ops, with hidden states) flows rank 0 -> 1 -> ... -> N with
-non-blocking sends; the last rank sends each RunResult back to rank 0.
-Cancellations go from rank 0 straight to every stage on their own tag, which
-a stage drains before each message and between layers, so they overtake
-queued work. Draft requests go to the draft rank on theirs; its guesses come
+and KV ops, with hidden states: pipeline/stage_loop.py's messages) flows
+rank 0 -> 1 -> ... -> N with non-blocking sends; each rank's StageLoop takes
+the runs waiting for it in one forward; results and failures go back to
+rank 0. Cancellations go from rank 0 straight to every stage on their own
+tag, which a stage applies before each look for work and between layers,
+so they overtake queued work and reach a forward in progress. Draft requests go to the draft rank on theirs; its guesses come
 back to rank 0 with the results. Where the ranks run, and on which cores,
 is mpiexec's choice (e.g. `-bind-to core:3`); each rank computes with as
 many torch threads as its plan's num_cpus.
 
 Blocking MPI waits spin a core in most MPI builds; with few cores that steals
-the stages' compute, so idle loops poll with a short sleep instead.
+the stages' compute, so receiving loops poll with a sleep between looks:
+short while messages flow (a hop costs about the sleep), longer once idle.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 import sys
 import threading
 import time
@@ -27,30 +31,63 @@ import torch
 
 from compute.stage_model import DTYPES
 from draft_models import load_draft
-from pipeline.cores import use_cores
+from pipeline.channel import dumps
+from pipeline.cores import split_cores, use_cores
 from pipeline.drafter import Drafter, DraftRequest, Guesses, GuessSink, ThreadDrafter
 from pipeline.partition import StagePlan
-from pipeline.stage import Stage, stage_failure
+from pipeline.stage import Stage
+from pipeline.stage_loop import STOP, StageLoop
+from pipeline.trace import StageSpan
 from pipeline.transport import ResultSink, Transport
-from pipeline.types import KVOp, Run, RunResult
+from pipeline.types import KVOp, Ping, Run
 
 log = logging.getLogger(__name__)
 
 TAG_WORK, TAG_RESULT, TAG_CONTROL, TAG_DRAFT = 1, 2, 3, 4
-STOP, STOPPED = "stop", "stopped"
-IDLE_POLL_S = 0.0002
+STOPPED = "stopped"
+ACTIVE_POLL_S, IDLE_POLL_S = 0.00005, 0.0005  # between looks while messages flow / once idle
+ACTIVE_WINDOW_S = 0.05  # messages flow: one came this recently
+
+
+class Poll:
+    """The sleep between two looks for a message: short within
+    ACTIVE_WINDOW_S of the last one (a hop costs about the sleep), long
+    once idle (each look costs a little of a core)."""
+
+    __slots__ = ("_heard_at",)
+
+    def __init__(self) -> None:
+        self._heard_at = 0.0
+
+    def heard(self) -> None:
+        self._heard_at = time.monotonic()
+
+    def wait(self) -> None:
+        time.sleep(ACTIVE_POLL_S if time.monotonic() - self._heard_at < ACTIVE_WINDOW_S else IDLE_POLL_S)
 HEARTBEAT_S = 1.0  # a computing stage tells rank 0 it progresses at most this often
 
 
 def _comm():
     from mpi4py import MPI
 
+    if MPI.pickle.dumps is not dumps:  # tensors as their raw bytes: a hop's pickling 94 -> 22 us (channel.py)
+        MPI.pickle.__init__(dumps, pickle.loads)
     return MPI.COMM_WORLD
 
 
 def mpi_rank_and_size() -> tuple[int, int]:
     comm = _comm()
     return comm.Get_rank(), comm.Get_size()
+
+
+def local_cores(index: int, counts: list[int]) -> list[int] | None:
+    """Worker `index`'s cores (stage ranks in order, then a draft rank) where
+    every rank of the job runs on this machine (MPICH's MPI_LOCALNRANKS):
+    cores of their own, as local and Ray stages get, so that one many-core
+    machine is a faithful cluster. Else None: placement is mpiexec's."""
+    if os.environ.get("MPI_LOCALNRANKS") != str(_comm().Get_size()):
+        return None
+    return split_cores(counts)[index]
 
 
 def check_rank_count(num_stages: int, has_draft_rank: bool) -> None:
@@ -91,7 +128,9 @@ class MPITransport(Transport):
         self._sends: list = []
         self._send_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._stats: list[dict] = [{} for _ in range(num_stages)]
+        self._stats: list[dict] = [{} for _ in range(num_stages)]  # each stage's last (its KV use, for metrics)
+        self._spans: list[StageSpan] = []
+        self._spans_lock = threading.Lock()
         self._heard_at = time.monotonic()  # the last message from any stage
         self._on_result: ResultSink | None = None
         self._receiver = threading.Thread(target=self._receive_results, name="mpi-results", daemon=True)
@@ -100,11 +139,20 @@ class MPITransport(Transport):
         self._on_result = on_result
         self._receiver.start()
 
+    shares_forwards = True  # each rank's StageLoop takes every run waiting in one forward
+
     def submit(self, run: Run) -> None:
-        self._send((run, None), dest=1, tag=TAG_WORK)
+        self.submit_together([run])
+
+    def submit_together(self, runs) -> None:
+        self._send([(run, None) for run in runs], dest=1, tag=TAG_WORK)  # one message: they travel together
 
     def send_kv_op(self, op: KVOp) -> None:
-        self._send((op, None), dest=1, tag=TAG_WORK)
+        self._send(op, dest=1, tag=TAG_WORK)
+
+    def send_ping(self, ping: Ping) -> bool:
+        self._send(ping, dest=1, tag=TAG_WORK)
+        return True
 
     def cancel(self, seq_id: int, run_ids: list[int]) -> None:
         for rank in range(1, self.num_stages + 1):
@@ -125,9 +173,12 @@ class MPITransport(Transport):
     def stage_stats(self) -> list[dict]:
         return [s for s in self._stats if s]
 
-    def stage_spans(self) -> list:
-        """Not collected over MPI: the benchmark's timeline needs the local or Ray transport."""
-        return []
+    def stage_spans(self) -> list[StageSpan]:
+        """What the stages sent with their stats since the last call (a rank's
+        spans ride with the stats it sends after each KV op)."""
+        with self._spans_lock:
+            spans, self._spans = self._spans, []
+        return spans
 
     def close(self) -> None:
         """Stop travels down the pipeline behind all work; the last stage
@@ -137,7 +188,7 @@ class MPITransport(Transport):
         self._stopping.set()
         if self._draft_rank is not None:
             self._send(STOP, dest=self._draft_rank, tag=TAG_DRAFT)
-        self._send((STOP, None), dest=1, tag=TAG_WORK)
+        self._send(STOP, dest=1, tag=TAG_WORK)
         self._receiver.join(timeout=30)
         with self._send_lock:
             for request in self._sends:
@@ -152,18 +203,26 @@ class MPITransport(Transport):
     def _receive_results(self) -> None:
         from mpi4py import MPI
 
+        poll = Poll()
         while True:
             if not self._comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT):
-                time.sleep(IDLE_POLL_S)
+                poll.wait()
                 continue
             kind, payload = self._comm.recv(source=MPI.ANY_SOURCE, tag=TAG_RESULT)
             self._heard_at = time.monotonic()  # a result, stats, or a heartbeat
-            if kind == "result":
+            if kind != "alive":
+                poll.heard()
+            if kind == "result" and isinstance(payload, Ping):
+                self.ping_arrived(payload)
+            elif kind == "result":
                 self._on_result(payload)
             elif kind == "guesses":
                 self._on_guesses(payload)
-            elif kind == "stats":  # a stage's stats, sent after each KV op
-                self._stats[payload["stage"]] = payload
+            elif kind == "stats":  # a stage's stats and its spans since, sent after each KV op
+                stats, spans = payload
+                self._stats[stats["stage"]] = stats
+                with self._spans_lock:
+                    self._spans += spans
             elif kind == STOPPED:
                 return
 
@@ -191,11 +250,14 @@ class _MPIDrafter:
         return {"runs_on": "mpi rank", "rank": self._transport._draft_rank}
 
 
-def run_draft_worker(spec: str, model_dir: str, dtype: str, num_cpus: int) -> None:
-    """Rank N+1: draft (on a ThreadDrafter) until rank 0 says stop."""
+def run_draft_worker(spec: str, model_dir: str, dtype: str, num_cpus: int,
+                     stage_cpus: list[int] | None = None) -> None:
+    """Rank N+1: draft (on a ThreadDrafter) until rank 0 says stop.
+    stage_cpus: the stages' cores, counted before the draft's."""
     comm = _comm()
     torch.set_grad_enabled(False)
-    use_cores(None, num_cpus)
+    counts = [*(stage_cpus or []), num_cpus]
+    use_cores(local_cores(len(counts) - 1, counts), num_cpus, whole_process=True)
     sends: list = []
 
     def send_guesses(guesses: Guesses) -> None:  # from the drafter's thread; MPI is thread-safe here
@@ -203,11 +265,13 @@ def run_draft_worker(spec: str, model_dir: str, dtype: str, num_cpus: int) -> No
 
     drafter = ThreadDrafter(load_draft(spec, Path(model_dir), DTYPES[dtype], show_progress=False))
     drafter.start(send_guesses)
+    poll = Poll()
     while True:
         if not comm.iprobe(source=0, tag=TAG_DRAFT):
-            time.sleep(IDLE_POLL_S)
+            poll.wait()
             continue
         message = comm.recv(source=0, tag=TAG_DRAFT)
+        poll.heard()
         if message == STOP:
             break
         if isinstance(message, DraftRequest):
@@ -226,69 +290,64 @@ def run_stage_worker(model_dir: str, plans: tuple[StagePlan, ...], dtype: str,
 
 
 class _StageWorker:
+    """A stage rank: the StageLoop every transport shares, taking what the
+    rank before sent (every message waiting, runs together) on its own
+    thread, and cancellations from rank 0 before each look and between
+    layers (no receiving thread of its own to contend for the GIL with)."""
+
     def __init__(self, model_dir: str, plans: tuple[StagePlan, ...], dtype: str, kv_budget_bytes: int | None) -> None:
         self.comm = _comm()
         self.rank = self.comm.Get_rank()
         torch.set_grad_enabled(False)
-        use_cores(None, plans[self.rank - 1].num_cpus)
+        counts = [int(plan.num_cpus) for plan in plans]
+        use_cores(local_cores(self.rank - 1, counts), counts[self.rank - 1], whole_process=True)
         self.stage = Stage.load(model_dir, plans, self.rank - 1, dtype, kv_budget_bytes)
         self.next_rank = self.rank + 1 if self.rank < len(plans) else None
         self._sends: list = []
         self._beat_at = 0.0
+        self._poll = Poll()
 
     def serve(self) -> None:
-        while True:
-            self.drain_control()
-            if not self.comm.iprobe(source=self.rank - 1, tag=TAG_WORK):
-                time.sleep(IDLE_POLL_S)
-                continue
-            item, hidden = self.comm.recv(source=self.rank - 1, tag=TAG_WORK)
-            if isinstance(item, Run):
-                self._handle_run(item, hidden)
-            elif item == STOP:
-                break
-            else:
-                self._handle_kv_op(item)
-        if self.next_rank is not None:
-            self._send((STOP, None), dest=self.next_rank, tag=TAG_WORK)
-        else:
+        send_on = None if self.next_rank is None else (
+            lambda message: self._send(message, dest=self.next_rank, tag=TAG_WORK))
+        StageLoop(self.stage, self._take, send_on,
+                  lambda delivery: self._send(("result", delivery), dest=0, tag=TAG_RESULT),
+                  before_layer=self._between_layers, after_kv_op=self._report_stats).run()
+        if self.next_rank is None:
             self._send((STOPPED, None), dest=0, tag=TAG_RESULT)
         for request in self._sends:
             request.wait()
-        self.drain_control()
+        self._drain_control()
 
-    def between_layers(self) -> None:
-        self.drain_control()
-        if time.monotonic() - self._beat_at >= HEARTBEAT_S:  # a long forward still progresses
-            self._beat_at = time.monotonic()
-            self._send(("alive", self.stage.stage_index), dest=0, tag=TAG_RESULT)
+    def _take(self) -> list:
+        """Every message the rank before sent that has arrived, in order (waiting for one)."""
+        while True:
+            self._drain_control()
+            messages = []
+            while self.comm.iprobe(source=self.rank - 1, tag=TAG_WORK):
+                messages.append(self.comm.recv(source=self.rank - 1, tag=TAG_WORK))
+            if messages:
+                self._poll.heard()
+                return messages
+            self._poll.wait()
 
-    def drain_control(self) -> None:
-        """Apply pending cancellations: before each message and between layers."""
+    def _drain_control(self) -> None:
+        """Cancellations overtake queued work: applied before each look and between layers."""
         while self.comm.iprobe(source=0, tag=TAG_CONTROL):
             _, seq_id, run_ids = self.comm.recv(source=0, tag=TAG_CONTROL)
             self.stage.cancel(seq_id, run_ids)
 
-    def _handle_run(self, run: Run, hidden) -> None:
-        try:
-            out = self.stage.process(run, hidden, before_layer=lambda layer: self.between_layers())
-        except Exception as exc:
-            log.exception("stage %d failed on run %d", self.stage.stage_index, run.run_id)
-            out = stage_failure(run, self.stage.stage_index, exc)
-        if isinstance(out, RunResult):
-            self._send(("result", out), dest=0, tag=TAG_RESULT)
-        elif out is not None:
-            self._send((run, out), dest=self.next_rank, tag=TAG_WORK)
+    def _between_layers(self, layer: int) -> None:
+        self._drain_control()
+        self._heartbeat()
 
-    def _handle_kv_op(self, op: KVOp) -> None:
-        try:
-            self.stage.apply(op)
-        except Exception as exc:
-            self._send(("result", stage_failure(op, self.stage.stage_index, exc)),
-                       dest=0, tag=TAG_RESULT)
-        if self.next_rank is not None:
-            self._send((op, None), dest=self.next_rank, tag=TAG_WORK)
-        self._send(("stats", self.stage.stats()), dest=0, tag=TAG_RESULT)  # KV use, for metrics
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self._beat_at >= HEARTBEAT_S:  # a long forward still progresses
+            self._beat_at = time.monotonic()
+            self._send(("alive", self.stage.stage_index), dest=0, tag=TAG_RESULT)
+
+    def _report_stats(self) -> None:
+        self._send(("stats", (self.stage.stats(), self.stage.spans.drain())), dest=0, tag=TAG_RESULT)
 
     def _send(self, message, dest: int, tag: int) -> None:
         self._sends = [r for r in self._sends if not r.Test()]

@@ -1,12 +1,15 @@
 """Stages as Ray actors, one process each, holding only their layers.
 
-Hidden states go actor to actor: the coordinator chains the calls by passing
-each stage's output ObjectRef to the next stage, so the tensors never come
-back through it; only the last stage's small RunResult does. Runs and KV ops
-are submitted by this one caller on each actor's "compute" group (max
-concurrency 1), so every stage sees them in the same order. Cancellation goes
-on the "control" group and reaches a stage while it computes; the stage
-checks it between layers.
+Ray is the control plane: it places the actors, restarts one that dies,
+and carries cancellations, stats and spans (each actor's "control" group,
+which answers while the stage computes). The data plane is a TCP link per
+hop (pipeline/channel.py): runs and KV ops go coordinator -> stage 0 ->
+... -> last stage, hidden states stage to stage, results from the last
+stage (and failures from any) straight back to the coordinator. Each actor
+runs the same StageLoop as a local stage, so the runs waiting for it share
+one forward. A dead actor is seen by its serve() call failing: every
+request fails at once, and when Ray has restarted it the links are made
+again and every stage forgets the stale sequences.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Sequence
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -33,10 +37,12 @@ from pipeline.cores import shares_cores, split_cores, use_cores
 from pipeline.drafter import Drafter, DraftRequest, Guesses, GuessSink, ThreadDrafter
 from pipeline.partition import StagePlan
 from pipeline.ray_cluster import RayCluster
-from pipeline.stage import Stage, failed, stage_failure
+from pipeline.channel import Address, Inbox, Link
+from pipeline.stage import Stage, failed
+from pipeline.stage_loop import RESET, STOP, StageLoop
 from pipeline.trace import StageSpan
 from pipeline.transport import ResultSink, Transport
-from pipeline.types import KVOp, PipelineFailed, Run, RunResult, SequenceFailed
+from pipeline.types import Delivery, KVOp, PipelineFailed, Ping, Run
 
 log = logging.getLogger(__name__)
 
@@ -47,35 +53,51 @@ POLL_S = 0.5  # a long poll for guesses returns at least this often (to notice c
 
 @ray.remote(concurrency_groups={"control": 1, "compute": 1})
 class StageActor:
+    """A stage in a process of its own. Work comes in over its Inbox and
+    leaves over Links (pipeline/channel.py), in a StageLoop that serve()
+    runs on the "compute" group; everything else is on "control", which
+    answers while the stage computes."""
+
     def __init__(self, model_dir: str, plans: tuple[StagePlan, ...], index: int, dtype: str,
-                 kv_budget_bytes: int | None, layer_delay_s: float, cores: list[int] | None) -> None:
+                 kv_budget_bytes: int | None, layer_delay_s: float, cores: list[int] | None,
+                 authkey: bytes) -> None:
         torch.set_grad_enabled(False)
         use_cores(cores, plans[index].num_cpus, whole_process=True)
         if _gpus(plans[index]):  # Ray shows the actor its own GPU only
             plans = (*plans[:index], dataclasses.replace(plans[index], device="cuda"), *plans[index + 1:])
         self.stage = Stage.load(model_dir, plans, index, dtype, kv_budget_bytes)
         self._before_layer = (lambda layer: time.sleep(layer_delay_s)) if layer_delay_s else None
+        self._authkey = authkey
+        self._inbox = Inbox(ray.util.get_node_ip_address(), authkey)  # read by serve()'s thread
+        self._next: Link | None = None
+        self._back: Link | None = None
+
+    @ray.method(concurrency_group="control")
+    def address(self) -> Address:
+        return self._inbox.address
+
+    @ray.method(concurrency_group="control")
+    def connect(self, next_address: Address | None, back_address: Address) -> None:
+        """Links to the next stage (None: this is the last) and back to the
+        coordinator; made anew when a stage was restarted."""
+        old = (self._next, self._back)
+        self._back = Link(back_address, self._authkey)
+        self._next = Link(next_address, self._authkey) if next_address is not None else None
+        for link in old:
+            if link is not None:
+                link.close()
 
     @ray.method(concurrency_group="compute")
-    def process(self, run: Run, hidden):
-        """hidden: the previous stage's output, or None (first stage / skipped upstream)."""
-        if isinstance(hidden, RunResult):  # an error upstream: pass it on
-            return hidden
-        if hidden is None and not self.stage.is_first:
-            return None  # cancelled upstream
-        try:
-            return self.stage.process(run, hidden, self._before_layer)
-        except Exception as exc:
-            log.exception("stage %d failed on run %d", self.stage.stage_index, run.run_id)
-            return stage_failure(run, self.stage.stage_index, exc)
+    def serve(self) -> None:
+        """The stage's loop, until STOP comes down the pipeline."""
+        send_on = None if self.stage.is_last else (lambda message: self._next.send(message))
+        StageLoop(self.stage, self._inbox.take, send_on, self._send_back, self._before_layer).run()
 
-    @ray.method(concurrency_group="compute")
-    def apply(self, op: KVOp) -> SequenceFailed | None:
+    def _send_back(self, delivery) -> None:
         try:
-            self.stage.apply(op)
-            return None
-        except Exception as exc:
-            return stage_failure(op, self.stage.stage_index, exc)
+            self._back.send(delivery)
+        except OSError as exc:  # the coordinator is gone or rewiring: its requests have failed already
+            log.warning("stage %d: cannot reach the coordinator (%s)", self.stage.stage_index, exc)
 
     @ray.method(concurrency_group="control")
     def cancel(self, seq_id: int, run_ids: list[int]) -> None:
@@ -87,7 +109,8 @@ class StageActor:
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict:
-        return {**self.stage.stats(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        return {**self.stage.stats(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "hop_in": self._inbox.hops.as_dict()}
 
     @ray.method(concurrency_group="control")
     def drain_spans(self) -> list[StageSpan]:
@@ -226,6 +249,7 @@ class RayTransport(Transport):
             else [None] * len(placed)
         self.draft_cores = pinned[len(plans)] if draft_plan else None
         self.draft_shares_cores = self.draft_cores is not None and shares_cores(pinned[:len(plans)], self.draft_cores)
+        self._authkey = secrets.token_bytes(32)  # the data plane's links take only these processes
         self.placement_group = _place([{"CPU": p.num_cpus, "GPU": _gpus(p), **p.resources} for p in plans], strategy,
                                       "the stages")
         # A draft asking for node resources gets a bundle of its own (the
@@ -244,31 +268,35 @@ class RayTransport(Transport):
             StageActor.options(
                 num_cpus=p.num_cpus, num_gpus=_gpus(p), resources=p.resources, max_restarts=max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
-            ).remote(model_dir, tuple(plans), i, dtype, kv_budget_bytes, layer_delay_s, pinned[i])
+            ).remote(model_dir, tuple(plans), i, dtype, kv_budget_bytes, layer_delay_s, pinned[i], self._authkey)
             for i, p in enumerate(plans)
         ]
         ray.get([a.stats.remote() for a in self.actors], timeout=600)  # loaded and ready
-        self._pending: dict[ray.ObjectRef, tuple[Run | KVOp, float]] = {}  # final ref -> (work, sent at)
-        self._last_failure_at = float("-inf")
-        self._lock = threading.Lock()
-        self._wakeup = threading.Event()
         self._closed = False
         self._on_result: ResultSink | None = None
-        self._waiter = threading.Thread(target=self._wait_for_results, name="ray-results", daemon=True)
+        self._results = Inbox(ray.util.get_node_ip_address(), self._authkey, self._received)
+        self._to_first: Link | None = None
+        self._up = threading.Event()  # every link is made (cleared while a stage restarts)
+        self._serving: dict[ray.ObjectRef, int] = {}  # each actor's serve() -> its stage
+        self._wire(range(self.num_stages))
+        self._watcher = threading.Thread(target=self._watch, name="ray-stages", daemon=True)
 
     def start(self, on_result: ResultSink) -> None:
         self._on_result = on_result
-        self._waiter.start()
+        self._watcher.start()
+
+    shares_forwards = True  # each actor's StageLoop takes every run waiting in one forward
 
     def submit(self, run: Run) -> None:
-        hidden = None
-        for actor in self.actors:
-            hidden = actor.process.remote(run, hidden)  # a ref: the tensor moves actor to actor
-        self._track(hidden, run)
+        self.submit_together([run])
+
+    def submit_together(self, runs: Sequence[Run]) -> None:
+        if not self._send([(run, None) for run in runs]):
+            for run in runs:  # fail now: the coordinator would otherwise wait for its stall timeout
+                self._on_result(failed(run, Failure(FailureCode.STAGE_DOWN, "a stage process is being restarted")))
 
     def send_kv_op(self, op: KVOp) -> None:
-        for actor in self.actors:
-            self._track(actor.apply.remote(op), op)
+        self._send(op)  # (lost only while a stage restarts, when every sequence is reset anyway)
 
     def cancel(self, seq_id: int, run_ids: list[int]) -> None:
         for actor in self.actors:
@@ -311,48 +339,79 @@ class RayTransport(Transport):
         return RayDrafter(actor)
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
-        self._wakeup.set()
+        if self._send(STOP):  # behind all work sent; the actors are killed below whether or not they stop
+            ray.wait(list(self._serving), num_returns=len(self._serving), timeout=5)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+        self._results.close()
         for group in (self.placement_group, self.draft_group):
             if group is not None:
                 remove_placement_group(group)
         if self.cluster is not None:
             self.cluster.stop()
 
-    def _track(self, ref: ray.ObjectRef, item: Run | KVOp) -> None:
-        with self._lock:
-            self._pending[ref] = (item, time.monotonic())
-        self._wakeup.set()
-
-    def _wait_for_results(self) -> None:
-        while not self._closed:
-            with self._lock:
-                refs = list(self._pending)
-            if not refs:
-                self._wakeup.wait(0.5)
-                self._wakeup.clear()
-                continue
-            ready, _ = ray.wait(refs, num_returns=1, timeout=0.05)
-            for ref in ready:
-                with self._lock:
-                    item, submitted_at = self._pending.pop(ref)
-                self._deliver(ref, item, submitted_at)
-
-    def _deliver(self, ref: ray.ObjectRef, item: Run | KVOp, submitted_at: float) -> None:
+    def _send(self, message) -> bool:
+        """Into the first stage: False where it cannot be reached now."""
+        if not self._up.is_set():
+            return False
         try:
-            value = ray.get(ref)
-        except RayActorError as exc:
-            # A stage died and lost every sequence's KV: fail them all, once
-            # (later errors from work sent before this failure are covered).
-            if submitted_at > self._last_failure_at:
-                self._last_failure_at = time.monotonic()
-                self._on_result(PipelineFailed(Failure(
+            self._to_first.send(message)
+            return True
+        except OSError as exc:
+            log.warning("the first stage is unreachable (%s)", exc)
+            return False
+
+    def send_ping(self, ping: Ping) -> bool:
+        return self._send(ping)
+
+    def _received(self, delivery: Delivery | Ping) -> None:
+        if isinstance(delivery, Ping):
+            self.ping_arrived(delivery)
+        elif self._on_result is not None:
+            self._on_result(delivery)
+
+    def _wire(self, to_serve) -> None:
+        """Every stage linked to the next and back to us, and the stages
+        `to_serve` (all at first; then the restarted ones) serving."""
+        addresses = ray.get([a.address.remote() for a in self.actors], timeout=PLACEMENT_TIMEOUT_S)
+        ray.get([actor.connect.remote(addresses[i + 1] if i + 1 < self.num_stages else None, self._results.address)
+                 for i, actor in enumerate(self.actors)], timeout=PLACEMENT_TIMEOUT_S)
+        old, self._to_first = self._to_first, Link(addresses[0], self._authkey)
+        if old is not None:
+            old.close()
+        for index in to_serve:
+            self._serving[self.actors[index].serve.remote()] = index
+        self._up.set()
+
+    def _watch(self) -> None:
+        """A stage that dies loses every sequence's KV: fail them all, once;
+        when Ray has restarted it, link it in again and reset the others' KV."""
+        while not self._closed:
+            ready, _ = ray.wait(list(self._serving), num_returns=1, timeout=0.5)
+            if not ready or self._closed:
+                continue
+            index = self._serving.pop(ready[0])
+            try:
+                ray.get(ready[0])
+                continue  # it stopped (close)
+            except RayError as exc:
+                self._up.clear()
+                log.warning("stage %d died (%s); its requests fail and it is being restarted",
+                            index, type(exc).__name__)
+                self._received(PipelineFailed(Failure(
                     FailureCode.STAGE_DOWN,
                     f"a stage process died ({type(exc).__name__}); its requests failed and it is being restarted")))
-            return
-        except RayError as exc:
-            value = failed(item, Failure.of(exc, FailureCode.STAGE_ERROR))
-        if value is not None:  # a run's result, or a failed KV op
-            self._on_result(value)
+            self._rejoin(index)
+
+    def _rejoin(self, index: int) -> None:
+        while not self._closed:
+            try:
+                ray.get(self.actors[index].stats.remote(), timeout=5)  # restarted, with its weights
+                self._wire([index])
+                self._send(RESET)
+                return
+            except (RayError, TimeoutError, OSError):
+                time.sleep(0.5)  # not back yet (or gone for good: is_alive says so)

@@ -139,6 +139,15 @@ class Stage:
                 self._cancelled.pop(op.seq_id, None)
         self._refresh_snapshot()
 
+    def reset(self) -> None:
+        """Forget every sequence (the KV, the head's lines, the cancellations):
+        another stage lost its state, so these are stale."""
+        self.kv = StageKVCache(self.model.num_layers, self.kv.budget_bytes, beside=self._head_bytes)
+        self.head_lines.clear()
+        with self._lock:
+            self._cancelled.clear()
+        self._refresh_snapshot()
+
     def process(
         self,
         run: Run,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -11,9 +12,10 @@ from compute.stage_model import DTYPES
 from draft_models import load_draft
 from pipeline.drafter import Drafter, local_drafter
 from pipeline.trace import StageSpan
-from pipeline.types import Delivery, KVOp, Run
+from pipeline.types import Delivery, KVOp, Ping, Run
 
 ResultSink = Callable[[Delivery], None]
+PING_ROUND_TRIPS = 50
 
 
 class Transport(Protocol):
@@ -43,9 +45,10 @@ class Transport(Protocol):
         """Run the coordinator's loop (only where drives_coordinator is True)."""
         raise NotImplementedError
 
-    # Runs waiting together for a stage go through it in one forward: a run
-    # chained behind one submitted with it rides with it, costing its tokens
-    # and not a forward of its own (nothing of it overlaps its parent).
+    # Runs waiting together for a stage go through it in one forward. On a
+    # single stage a run chained behind one submitted with it rides with it,
+    # costing its tokens and not a forward of its own; the first of several
+    # stages computes it next instead, overlapping its parent (stage_loop.py).
     shares_forwards: bool = False
     draft_cores: list[int] | None = None  # the draft's own cores, where it shares this machine
     draft_shares_cores: bool = False  # the draft computes on cores a stage computes on (too few cores)
@@ -87,5 +90,44 @@ class Transport(Protocol):
         """The spans every stage recorded since the last call (empty where
         the transport cannot collect them)."""
         ...
+
+    def send_ping(self, ping: Ping) -> bool:
+        """Into the first stage, behind the work sent before it; the last
+        stage's Ping comes back through ping_arrived(). False: not supported
+        (the simulator charges hops from its profile)."""
+        return False
+
+    def measure_hops(self, num_pings: int = PING_ROUND_TRIPS, timeout_s: float = 10.0) -> dict | None:
+        """Pings sent one at a time through the idle pipeline and back:
+        round_trip_ms_p50, hops (num_stages + 1: in, between the stages,
+        back) and ms_per_hop_p50, everything a message costs to cross but
+        compute (pickling, the channel, waking the reader). None where not
+        supported or a ping did not come back in time."""
+        round_trips = []
+        for ping_id in range(num_pings):
+            started = time.perf_counter()
+            if not self.send_ping(Ping(ping_id)):
+                return None
+            try:
+                while self._pings().get(timeout=timeout_s).ping_id != ping_id:
+                    pass  # a late one from an earlier measurement
+            except queue.Empty:
+                return None
+            round_trips.append(time.perf_counter() - started)
+        hops = self.num_stages + 1
+        median = sorted(round_trips)[len(round_trips) // 2]
+        return {"round_trip_ms_p50": round(1000 * median, 4), "hops": hops,
+                "ms_per_hop_p50": round(1000 * median / hops, 4)}
+
+    def ping_arrived(self, ping: Ping) -> None:
+        """The transport's result path calls this for a Ping back from the last stage."""
+        self._pings().put(ping)
+
+    _ping_queue: queue.SimpleQueue | None = None  # made at the first ping (transports keep their own __init__)
+
+    def _pings(self) -> queue.SimpleQueue:
+        if self._ping_queue is None:
+            self._ping_queue = queue.SimpleQueue()
+        return self._ping_queue
 
     def close(self) -> None: ...

@@ -110,6 +110,14 @@ class FreeSequence:
 KVOp = CommitKV | FreeSequence
 
 
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Goes through every stage and back, touching nothing: a round trip
+    through an idle pipeline times its hops (Transport.measure_hops)."""
+
+    ping_id: int
+
+
 @dataclass(slots=True)
 class GenerationStats:
     num_prompt_tokens: int = 0

@@ -204,15 +204,41 @@ def test_ratios_set_our_modes_beside_each_baseline():
     assert ratios(modes, 8, ["vllm"]) == {"ar_vs_vllm@c8": 0.7}
 
 
+BIN = Path(sys.executable).parent
+
+
+def check_distributed_results(out, transport: str) -> dict:
+    """Two stages in processes of their own: every figure, hops timed, runs batched at concurrency 4."""
+    results = check_outputs(out, ["ar", "pipeinfer", "ar@c4", "pipeinfer@c4"])
+    assert results["setup"]["transport"] == transport and len(results["setup"]["weights"]) == 2
+    measured = results["hops"]["measured"]
+    assert measured["hops"] == 3 and 0 < measured["ms_per_hop_p50"] < 50
+    assert len(results["runs_per_forward"]) == 2 and all(r > 1 for r in results["runs_per_forward"])
+    check_decode_timing(results, 2)
+    return results
+
+
 @pytest.mark.integration
 def test_bench_on_ray_stages_writes_its_results(tmp_path, tiny_text_model):
     """As users run it (a subprocess): Ray's stages are asked for their stats before Ray shuts down."""
     out = tmp_path / "out"
-    proc = subprocess.run([str(Path(sys.executable).parent / "pipeinfer"), "bench", "--model", str(tiny_text_model),
+    proc = subprocess.run([str(BIN / "pipeinfer"), "bench", "--model", str(tiny_text_model),
                            "--transport", "ray", "--stages", "2", "--draft", "ngram", "--modes", "ar,pipeinfer",
-                           "--max-tokens", "6", "--repeat", "1", "--out", str(out)],
+                           "--max-tokens", "6", "--repeat", "1", "--concurrency", "1,4", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = check_outputs(out, ["ar", "pipeinfer"])
-    assert results["setup"]["transport"] == "ray" and len(results["setup"]["weights"]) == 2
-    check_decode_timing(results, 2)
+    results = check_distributed_results(out, "ray")
+    links = results["hops"]["links"]  # Ray's data plane counts what crossed each link
+    assert [h["into_stage"] for h in links] == [0, 1] and all(h["wait_ms_p50"] > 0 for h in links)
+
+
+@pytest.mark.integration
+def test_bench_on_mpi_ranks_writes_its_results(tmp_path, tiny_text_model):
+    """Under mpiexec, as users run it: rank 0 benchmarks, ranks 1 and 2 are the stages."""
+    out = tmp_path / "out"
+    proc = subprocess.run([str(BIN / "mpiexec"), "-n", "3", str(BIN / "pipeinfer"), "bench", "--model",
+                           str(tiny_text_model), "--transport", "mpi", "--stages", "2", "--draft", "ngram",
+                           "--modes", "ar,pipeinfer", "--max-tokens", "6", "--repeat", "1", "--concurrency", "1,4",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    check_distributed_results(out, "mpi")

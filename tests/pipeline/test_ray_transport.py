@@ -118,7 +118,12 @@ def test_eight_concurrent_requests(tiny_target):
         deadline = time.monotonic() + 10
         while any(s["num_sequences"] for s in engine.stage_stats()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert all(s["kv_bytes"] == 0 for s in engine.stage_stats())
+        stats = engine.stage_stats()
+        assert all(s["kv_bytes"] == 0 for s in stats)
+    # Runs waiting for an actor share its forward (the same StageLoop as local stages).
+    assert all(s["num_forwards"] < s["num_runs_computed"] for s in stats), stats
+    # Every run and KV op came in over the data plane: the hop is timed there.
+    assert all(s["hop_in"]["messages"] > 0 and 0 < s["hop_in"]["wait_ms_p50"] <= s["hop_in"]["wait_ms_p99"] < 1000 for s in stats), stats
     for i in range(8):
         assert outputs[i] == greedy_reference(tiny_target, prompts[i], lengths[i]), i
 
