@@ -16,7 +16,9 @@ from __future__ import annotations
 import copyreg
 import io
 import logging
+import os
 import pickle
+import socket
 import threading
 import time
 from collections import deque
@@ -56,7 +58,7 @@ class Link:
     """The sending end of one hop (thread-safe)."""
 
     def __init__(self, address: Address, authkey: bytes) -> None:
-        self._conn = Client(address, authkey=authkey)
+        self._conn = _no_delay(Client(address, authkey=authkey))
         self._lock = threading.Lock()
 
     def send(self, message: object) -> None:
@@ -67,6 +69,14 @@ class Link:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def _no_delay(conn: Connection) -> Connection:
+    """A message goes out as it is written, not held back for the last one's
+    acknowledgement (Nagle's algorithm): these are small and latency-bound."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
 
 
 class HopStats:
@@ -151,7 +161,7 @@ class Inbox:
                     log.warning("inbox %s: refused a connection (%s)", self.address, exc)
                 continue
             with self._lock:
-                self._conns.append(conn)
+                self._conns.append(_no_delay(conn))
             self._tell_new_conn.send_bytes(b"")
 
     def _deliver(self, on_message: Callable[[object], None]) -> None:
