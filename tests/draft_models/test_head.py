@@ -352,14 +352,15 @@ def test_sync_loop_drafts_after_each_verification():
 
 
 def test_a_run_launched_with_its_parent_rides_in_its_forward_and_costs_tokens(tiny_target, tiny_heads):
-    """Local stages share their forwards: the runs launched in one step
-    (here from a result's tail guesses, two runs' worth in pipeinfer mode)
-    enter the pipeline together and go through every stage in one forward,
-    so a run chained behind one launched with it costs its tokens, not a
-    run: its first guess is judged by the token bar. No guess is worth a
-    run of its own here (the run bar is out of reach), every one a token."""
+    """On one stage the runs launched in one step (here from a result's tail
+    guesses, two runs' worth in pipeinfer mode) go through it in one
+    forward, so a run chained behind one launched with it costs its tokens,
+    not a run: its first guess is judged by the token bar. No guess is
+    worth a run of its own here (the run bar is out of reach), every one a
+    token. (On several stages the chained run overlaps its parent instead:
+    tests/pipeline/test_stage_loop.py.)"""
     prompt = (9, 8, 7, 9, 8)
-    with load_engine(tiny_target, f"head:{tiny_heads['llama']}", 2, Mode.PIPEINFER, draft_len=2) as engine:
+    with load_engine(tiny_target, f"head:{tiny_heads['llama']}", 1, Mode.PIPEINFER, draft_len=2) as engine:
         engine._coordinator._bars = lambda: (1.01, 0.0)  # (a run's bar, a token's)
         engine.stage_spans()
         out = engine.complete(GenerationRequest(prompt, 16))
@@ -369,7 +370,7 @@ def test_a_run_launched_with_its_parent_rides_in_its_forward_and_costs_tokens(ti
     for span in spans:
         forwards.setdefault((span.stage, span.start_s, span.end_s), set()).add(span.run_id)
     shared = [key for key, runs in forwards.items() if len(runs) == 2]
-    assert len(shared) >= 4 and {stage for stage, *_ in shared} == {0, 1}
+    assert len(shared) >= 4
     assert out.stats.num_runs > out.stats.num_verify_steps  # chained runs: launched only by riding
 
 
