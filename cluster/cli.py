@@ -1,4 +1,8 @@
-"""The `pipeinfer` command line."""
+"""The `pipeinfer` command line.
+
+Building the parser imports no torch (its defaults come from modules that
+import none): every --help answers at once; a command loads what it needs
+when it runs."""
 
 from __future__ import annotations
 
@@ -10,22 +14,19 @@ import os
 import sys
 from pathlib import Path
 
-from cluster import up as cluster_up
-from cluster.layout import format_table
 from cluster.spec import DEFAULT_NAME, SpecError
-from compute.backend import DEVICE_HELP
 from compute.model_source import ModelSourceError
-from compute.quant import QUANTIZE_CHOICES, QUANTIZE_HELP
-from compute.stage_model import DTYPES
+from compute.options import DEVICE_HELP, DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP
 from compute.types import SamplingParams
 from draft_models import DRAFT_HELP, DraftSpecError
-from loadtests import pair, random_model
-from loadtests.bench import BASELINE_KINDS, PROMPT_SETS, BenchConfig, load_prompts
-from pipeline.engine import TRANSPORTS, Engine, EngineConfig, GenerationError
+from draft_models.train_config import TrainConfig
+from loadtests.bench_config import BASELINE_KINDS, PROMPT_SETS, BenchConfig, load_prompts
+from loadtests.shapes import SHAPES
+from pipeline.config import TRANSPORTS, EngineConfig
 from pipeline.sim_profiles import PROFILES
 from pipeline.speculation import SpeculationConfig
-from pipeline.types import Mode
-from server.app import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
+from pipeline.types import GenerationError, Mode
+from server.settings import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,13 +122,22 @@ def _parser() -> argparse.ArgumentParser:
 
     make_pair = commands.add_parser("make-pair", help="build a benchmark target whose layers:N self-draft agrees "
                                                       "with it at a chosen rate (loadtests/pair.py)")
-    pair.add_arguments(make_pair)
-    make_pair.set_defaults(handler=pair.run)
+    make_pair.add_argument("--shape", choices=sorted(SHAPES), default="0.7b",
+                           help="the target's shape: 0.7b (40 layers, ~0.75B parameters) or tiny (for tests)")
+    make_pair.add_argument("--draft-layers", type=int, default=1, help="the self-draft's layers (--draft layers:N)")
+    make_pair.add_argument("--agreement", type=float, required=True,
+                           help="the rate at which the draft's argmax equals the target's greedy token")
+    make_pair.add_argument("--tolerance", type=float, default=0.03, help="how close the measured agreement must be")
+    make_pair.add_argument("--stages", type=int, default=4, help="stages the draft's relative cost is given for")
+    _add_model_maker_args(make_pair, "the directory to write the target to")
+    make_pair.set_defaults(handler=_make_pair)
 
     make_model = commands.add_parser("make-model", help="write a random Llama of a named shape, a layer at a "
                                                         "time, for speed figures (loadtests/random_model.py)")
-    random_model.add_arguments(make_model)
-    make_model.set_defaults(handler=random_model.run)
+    make_model.add_argument("--shape", choices=sorted(SHAPES), required=True,
+                            help="8b (Llama-3-8B's decoder with the default tokenizer's vocabulary), 0.7b or tiny")
+    _add_model_maker_args(make_model, "the directory to write the model to")
+    make_model.set_defaults(handler=_make_model)
 
     train_draft = commands.add_parser("train-draft", help="train a draft head for a target by self-distillation "
                                                           "(use it with --draft head:DIR)")
@@ -137,18 +147,54 @@ def _parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start a deployment from a cluster YAML file")
     up.add_argument("spec", help="the cluster YAML file (see examples/)")
     up.add_argument("--foreground", action="store_true", help="stay attached instead of returning once healthy")
-    up.set_defaults(handler=lambda args: cluster_up.up(args.spec, args.foreground))
+    up.set_defaults(handler=lambda args: _cluster_up().up(args.spec, args.foreground))
 
     plan = commands.add_parser("plan", help="print the layer split and memory per stage, start nothing")
     plan.add_argument("spec", help="the cluster YAML file")
-    plan.set_defaults(handler=lambda args: print(cluster_up.plan(args.spec)) or 0)
+    plan.set_defaults(handler=lambda args: print(_cluster_up().plan(args.spec)) or 0)
 
     for name, help_text in (("status", "show a deployment's stage map, KV use and requests"),
                             ("down", "stop everything `pipeinfer up` started, and nothing else")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--name", default=DEFAULT_NAME, help="the deployment's name (the spec's `name`)")
-        command.set_defaults(handler=lambda args, fn=getattr(cluster_up, name): fn(args.name))
+        command.set_defaults(handler=lambda args, name=name: getattr(_cluster_up(), name)(args.name))
     return parser
+
+
+def _cluster_up():
+    from cluster import up
+
+    return up
+
+
+def _add_model_maker_args(parser: argparse.ArgumentParser, out_help: str) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer-from", help="copy this model's tokenizer ('default' or a directory); "
+                                                 "its vocabulary must be the shape's")
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+
+
+def _tokenizer_from(args: argparse.Namespace) -> Path | None:
+    from compute.model_source import resolve_model
+
+    return resolve_model(args.tokenizer_from) if args.tokenizer_from else None
+
+
+def _make_pair(args: argparse.Namespace) -> int:
+    from loadtests.pair import make_pair
+
+    report = make_pair(args.out, SHAPES[args.shape], args.draft_layers, args.agreement, seed=args.seed,
+                       tokenizer_from=_tokenizer_from(args), tolerance=args.tolerance, num_stages=args.stages)
+    print(json.dumps(report.as_dict(), indent=2))
+    return 0
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    from loadtests.random_model import make_random_model
+
+    report = make_random_model(args.out, SHAPES[args.shape], seed=args.seed, tokenizer_from=_tokenizer_from(args))
+    print(json.dumps({"path": str(args.out), "shape": args.shape, **report}, indent=2))
+    return 0
 
 
 def _add_engine_args(parser: argparse.ArgumentParser, with_mode: bool = True) -> None:
@@ -165,7 +211,7 @@ def _add_engine_args(parser: argparse.ArgumentParser, with_mode: bool = True) ->
                              "mpi: one MPI rank per stage (launch with mpirun -n STAGES+1)")
     parser.add_argument("--ray-address", default=engine.ray_address,
                         help="ray transport: 'auto' or an address joins a running cluster (default: a private local Ray)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=engine.dtype,
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=engine.dtype,
                         help="compute dtype (bfloat16 or float16 on a GPU)")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=engine.quantize, help=QUANTIZE_HELP)
     parser.add_argument("--device", default=engine.device,
@@ -228,6 +274,8 @@ def _serve_mpi_stage(args: argparse.Namespace) -> bool:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from pipeline.engine import Engine
+
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     with Engine.load(_engine_config(args), show_progress=True) as engine:
         output = engine.complete_text(args.prompt, args.max_tokens, sampling, ignore_eos=args.ignore_eos)
@@ -242,8 +290,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
-    from draft_models.distill import TrainConfig
-
     defaults = TrainConfig()
     parser.add_argument("--model", default=defaults.model, help="the target: 'default', a Hugging Face directory "
                         "or a .gguf file")
@@ -284,7 +330,7 @@ def _train_draft(args: argparse.Namespace) -> int:
     import torch
 
     from compute.backend import torch_device
-    from draft_models.distill import TrainConfig, train
+    from draft_models.distill import train
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = TrainConfig(model=args.model, out_dir=args.out, num_prompts=args.num_prompts,
@@ -302,7 +348,8 @@ def _train_draft(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from loadtests.bench import DEFAULT_PROMPTS, load_prompts, run_bench
+    from loadtests.bench import run_bench
+    from loadtests.bench_config import DEFAULT_PROMPTS, load_prompts
 
     try:
         modes = tuple(Mode(m) for m in _csv(args.modes))
@@ -337,6 +384,8 @@ SUMMARY_COLUMNS = ("tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99", "a
 
 
 def format_summary(results: dict) -> str:
+    from cluster.layout import format_table
+
     rows = [("mode", *SUMMARY_COLUMNS)]
     for name, figures in results["modes"].items():
         rows.append((name, *("-" if figures.get(c) is None else f"{figures[c]:g}" for c in SUMMARY_COLUMNS)))

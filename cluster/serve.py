@@ -17,10 +17,12 @@ from pathlib import Path
 import uvicorn
 
 from compute.model_source import DEFAULT_MODEL, DEFAULT_MODEL_GGUF
-from pipeline.engine import Engine, EngineConfig
-from server.app import ServerSettings, create_app
+from pipeline.config import EngineConfig
+from pipeline.engine import Engine
+from server.app import create_app
 from server.engine_host import EngineHost
 from server.http_protocol import limited_h11
+from server.settings import ServerSettings
 from server.shutdown import Shutdown
 
 log = logging.getLogger("pipeinfer.serve")

@@ -22,15 +22,12 @@ from pydantic import (
     model_validator,
 )
 
-from compute.backend import DEVICE_HELP, check_device_name
-from compute.quant import QUANTIZE_CHOICES, QUANTIZE_HELP
-from compute.stage_model import DTYPES
+from compute.options import DEVICE_HELP, DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, check_device_name
 from draft_models import DRAFT_HELP, parse_draft
-from pipeline.engine import EngineConfig
+from pipeline.config import EngineConfig
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode
-from server.app import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
-
+from server.settings import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
 
 DEFAULT_NAME = "pipeinfer"  # a deployment's name when its spec gives none (up, status, down)
 
@@ -45,7 +42,7 @@ class _Strict(BaseModel):
 
 _SPECULATION = SpeculationConfig()  # the defaults live there
 _ENGINE = EngineConfig()
-DType = Literal[tuple(DTYPES)]
+DType = Literal[DTYPE_NAMES]
 
 
 class SpeculationSpec(_Strict):

@@ -22,7 +22,7 @@ import httpx
 from cluster.layout import format_layout, format_table, plan_layout
 from cluster.spec import ClusterSpec, GatewaySpec, SpecError, load_spec
 from compute.model_source import cache_dir
-from pipeline.engine import EngineConfig
+from pipeline.config import EngineConfig
 
 READY_TIMEOUT_S = 900
 DOWN_MARGIN_S = 20  # beyond the grace period, for the driver to stop its stages
@@ -91,7 +91,7 @@ def up(spec_path: str, foreground: bool) -> int:
 
 def serve_spec(spec: ClusterSpec) -> int:
     from cluster.serve import serve, served_name
-    from server.app import ServerSettings
+    from server.settings import ServerSettings
 
     api_keys = tuple(os.environ[e] for e in spec.gateway.api_key_envs if os.environ.get(e))
     missing = [e for e in spec.gateway.api_key_envs if not os.environ.get(e)]

@@ -14,21 +14,7 @@ from typing import Protocol
 
 import torch
 
-# Where a stage may compute: "cpu", "cuda" (the current GPU) or "cuda:N".
-DEVICE_HELP = "cpu, cuda or cuda:N"
-
-
-class DeviceError(ValueError):
-    """A device this machine cannot compute on."""
-
-
-def check_device_name(name: str) -> str:
-    """The syntax only (the coordinator's machine may have no GPU where a
-    stage's has). -> the name."""
-    kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or (index and not index.isdigit()):
-        raise DeviceError(f"device {name!r}: expected {DEVICE_HELP}")
-    return name
+from compute.options import DeviceError, check_device_name
 
 
 def torch_device(name: str) -> torch.device:

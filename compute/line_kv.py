@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 MIN_CAPACITY = 16  # positions of a new buffer; buffers grow by doubling
 
 

@@ -14,11 +14,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
-from transformers import AutoConfig, PretrainedConfig
 
 from compute.threads import on_passing_thread
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,8 @@ def gguf_source(model_dir: Path) -> Path | None:
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
+    from transformers import AutoConfig  # (here: the CLI's parser reads this module's names before any model)
+
     return AutoConfig.from_pretrained(model_dir, local_files_only=True)
 
 
@@ -121,7 +126,7 @@ def _converted_gguf(gguf_path: Path, show_progress: bool) -> Path:
 def _convert_gguf(gguf_path: Path, target: Path, show_progress: bool) -> None:
     """Dequantize a GGUF into a float32 safetensors directory (atomic rename)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     steps = ["reading GGUF", "checking architecture", "dequantizing", "writing safetensors"]
     bar = tqdm(total=len(steps), desc=f"converting {gguf_path.name}", disable=not show_progress, unit="step")

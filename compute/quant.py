@@ -21,22 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compute.options import QuantizeError
+
 INT4_GROUP = 32  # GGUF's block size; the op also takes 64, 128, 256
-QUANTIZE_CHOICES = ("auto", "gguf", "int4", "int8", "none")
-QUANTIZE_HELP = ("weights as the stages hold them: auto (a GGUF's own quantization, a safetensors model's dtype), "
-                 "gguf (the GGUF's blocks), int4 (group-32 round to nearest), int8 (per-row), none (dense --dtype)")
-
-
-class QuantizeError(ValueError):
-    """A quantization this model or machine cannot have."""
-
-
-def check_quantize(name: str) -> str:
-    if name not in QUANTIZE_CHOICES:
-        raise QuantizeError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {name!r}")
-    return name
-
-
 class Int4Linear(nn.Module):
     """y = x @ W^T with W [N, K] in 4-bit groups of `group_size` along K."""
 

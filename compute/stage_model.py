@@ -13,8 +13,8 @@ import json
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,11 @@ from transformers import AutoModelForCausalLM
 
 from compute.backend import LayerKV
 from compute.model_source import check_supported, gguf_source, load_config
-from compute.quant import QUANTIZED, Int4Linear, Int8Embedding, Int8Linear, QuantizeError, check_quantize
+from compute.options import DTYPE_NAMES, QuantizeError, check_quantize
+from compute.quant import QUANTIZED, Int4Linear, Int8Embedding, Int8Linear
 
-# Compute dtypes by name (CLI, YAML, per-stage plans).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Compute dtypes by name (compute/options.py's DTYPE_NAMES) as torch's.
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 class StageModel(nn.Module):

@@ -12,7 +12,6 @@ reads only its layers and rounds them as it loads.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -22,7 +21,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from loadtests.pair import SHAPES, TOKENIZER_FILES, PairShape, _tokenizer_special_ids
+from loadtests.pair import TOKENIZER_FILES, _tokenizer_special_ids
+from loadtests.shapes import PairShape
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -86,24 +86,3 @@ def _end_tensors(shape: PairShape, generator: torch.Generator):
             tensors["lm_head.weight"] = _random(dims, shape.initializer_range, generator)
         return tensors
     return make
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `pipeinfer make-model`."""
-    parser.add_argument("--shape", choices=sorted(SHAPES), required=True,
-                        help="8b (Llama-3-8B's decoder with the default tokenizer's vocabulary), 0.7b or tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer-from", help="copy this model's tokenizer ('default' or a directory); "
-                                                 "its vocabulary must be the shape's")
-    parser.add_argument("--out", type=Path, required=True, help="the directory to write the model to")
-
-
-def run(args: argparse.Namespace) -> int:
-    tokenizer_from = None
-    if args.tokenizer_from:
-        from compute.model_source import resolve_model
-
-        tokenizer_from = resolve_model(args.tokenizer_from)
-    report = make_random_model(args.out, SHAPES[args.shape], seed=args.seed, tokenizer_from=tokenizer_from)
-    print(json.dumps({"path": str(args.out), "shape": args.shape, **report}, indent=2))
-    return 0

@@ -5,107 +5,32 @@ benchmark) talks only to this."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
-from compute.backend import check_device_name
 from compute.model_source import load_config, resolve_model
-from compute.quant import check_quantize
-from compute.stage_model import DTYPES
 from compute.types import Failure, FailureCode, GenerationRequest, SamplingParams
-from draft_models import parse_draft
-from draft_models.factory import head_path
+from pipeline.config import EngineConfig
 from pipeline.coordinator import STALL_TIMEOUT_S, Coordinator
-from pipeline.cores import default_cores_per_stage, split_cores
+from pipeline.cores import split_cores
 from pipeline.drafter import Drafter
 from pipeline.local_transport import LayerDelay, LocalTransport
-from pipeline.partition import StagePlan, balanced_plans
+from pipeline.partition import StagePlan
 from pipeline.sim_profiles import get_profile
 from pipeline.sim_transport import SimulatedTransport
 from pipeline.speculation import SpeculationConfig
 from pipeline.stage import Stage
 from pipeline.trace import StageSpan
 from pipeline.transport import Transport
-from pipeline.types import FinishEvent, GenerationStats, TokenEvent
+from pipeline.types import FinishEvent, GenerationError, GenerationStats, TokenEvent
 
 log = logging.getLogger(__name__)
-
-TRANSPORTS = ("local", "ray", "mpi")
-
-
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    model: str = "default"
-    draft: str = "none"
-    num_stages: int = 1
-    dtype: str = "float32"  # float32 on CPU keeps the split exact and is not slower here
-    device: str = "cpu"  # every stage's, unless its plan names one: cpu | cuda[:N]
-    # How the stages hold the weights (compute/quant.py); one for every stage:
-    # they compute one target. auto: a GGUF's own blocks, a safetensors model dense.
-    quantize: str = "auto"
-    transport: str = "local"  # local | ray | mpi
-    ray_address: str | None = None  # ray transport: None starts a local Ray; "auto" or an address joins one
-    kv_budget_bytes: int | None = None  # per stage: new sequences are refused beyond it
-    # Cores per stage (its torch threads; on one machine, pinned); None: the
-    # stages split this machine's cores. Explicit stage_plans say their own.
-    stage_cpus: int | None = None
-    draft_cpus: int = 1  # cores of a draft that runs beside the coordinator
-    draft_resources: dict[str, float] = field(default_factory=dict)  # ray: node resources for the draft's actor
-    draft_stage: int | None = 0  # ray: without draft_resources, the draft's actor goes beside this stage
-    stage_plans: tuple[StagePlan, ...] | None = None  # explicit layers/resources per stage; None: even split
-    placement_strategy: str = "PACK"  # ray: PACK, or STRICT_SPREAD for one stage per node
-    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
-    # A sim_profiles name: the real model computes the tokens in simulated time
-    # on the cluster the profile describes (its stage count wins).
-    simulate: str | None = None
-
-    def plans(self, model_dir: Path) -> tuple[StagePlan, ...]:
-        """The stages' layer ranges: the explicit ones, or a split balancing
-        compute (over the simulated cluster's own stage count); with a head
-        draft's directory where the draft is one."""
-        spec = parse_draft(self.draft)
-        head = str(head_path(spec, model_dir)) if spec.kind == "head" else None
-        if self.stage_plans:
-            return tuple(dataclasses.replace(plan, device=plan.device or self.device, quantize=self.quantize,
-                                             draft_head=head) for plan in self.stage_plans)
-        num_stages = get_profile(self.simulate).num_stages if self.simulate else self.num_stages
-        cpus = self.stage_cpus or default_cores_per_stage(num_stages)
-        return tuple(dataclasses.replace(plan, num_cpus=cpus, device=self.device, quantize=self.quantize,
-                                         draft_head=head) for plan in balanced_plans(model_dir, num_stages))
-
-    @property
-    def draft_has_worker(self) -> bool:
-        """A draft that computes runs on a worker of its own (thread, actor or rank)."""
-        return not parse_draft(self.draft).is_free
-
-    @property
-    def draft_plan(self) -> StagePlan:
-        """Where a draft that computes runs, as a (layerless) plan: its CPUs and resources."""
-        return StagePlan(0, 0, num_cpus=self.draft_cpus, resources=dict(self.draft_resources))
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        check_device_name(self.device)
-        check_quantize(self.quantize)
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
-        if self.stage_cpus is not None and self.stage_cpus < 1 or self.draft_cpus < 1:
-            raise ValueError("stage_cpus and draft_cpus must be >= 1")
-        if self.simulate is not None:
-            get_profile(self.simulate)  # a clear error for an unknown name
-            if self.transport != "local":
-                raise ValueError("--simulate runs every stage in this process: it needs --transport local")
-
 
 @dataclass(slots=True)
 class GenerationOutput:
@@ -113,12 +38,6 @@ class GenerationOutput:
     text: str | None
     finish_reason: str
     stats: GenerationStats
-
-
-class GenerationError(RuntimeError):
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(failure.message)
-        self.failure = failure
 
 
 class Engine:

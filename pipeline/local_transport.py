@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Callable
 
-
 from pipeline.cores import own_cores, shares_cores
 from pipeline.stage import Stage
 from pipeline.stage_loop import STOP, StageLoop, every_message

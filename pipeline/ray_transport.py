@@ -33,16 +33,16 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from compute.stage_model import DTYPES
 from compute.types import Failure, FailureCode
 from draft_models import load_draft
+from pipeline.channel import Address, Inbox, Link
 from pipeline.cores import shares_cores, split_cores, use_cores
 from pipeline.drafter import Drafter, DraftRequest, Guesses, GuessSink, ThreadDrafter
 from pipeline.partition import StagePlan
 from pipeline.ray_cluster import RayCluster
-from pipeline.channel import Address, Inbox, Link
 from pipeline.stage import Stage, failed
 from pipeline.stage_loop import RESET, STOP, StageLoop
 from pipeline.trace import StageSpan
 from pipeline.transport import ResultSink, Transport
-from pipeline.types import Delivery, KVOp, PipelineFailed, Ping, Run
+from pipeline.types import Delivery, KVOp, Ping, PipelineFailed, Run
 
 log = logging.getLogger(__name__)
 

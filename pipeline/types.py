@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-
-import torch
+from typing import TYPE_CHECKING
 
 from compute.types import Failure, SamplingParams
+
+if TYPE_CHECKING:  # (annotations only: the CLI reads Mode before torch is imported)
+    import torch
 
 
 class Mode(str, Enum):
@@ -108,6 +110,14 @@ class FreeSequence:
 
 
 KVOp = CommitKV | FreeSequence
+
+
+class GenerationError(RuntimeError):
+    """A request that failed, as the engine's blocking calls raise it."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.openapi.utils import get_openapi
@@ -30,6 +29,7 @@ from server.protocol import (
     ModelList,
 )
 from server.requests import PreparedRequest, prepare_chat, prepare_completion
+from server.settings import ServerSettings
 from server.shutdown import Shutdown
 
 log = logging.getLogger(__name__)
@@ -41,21 +41,6 @@ STREAM_OR_JSON = {"content": {"text/event-stream": {"schema": {
 
 
 # Where the gateway listens unless told: this machine only.
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
-    served_model_name: str
-    api_keys: tuple[str, ...] = ()
-    max_body_bytes: int = 1 << 20
-    max_header_bytes: int = 16 << 10  # the request line and headers together
-    max_headers: int = 100
-    max_running_requests: int = 8
-    max_waiting_requests: int = 64
-    shutdown_grace_s: float = 10.0  # running requests may finish for this long after SIGTERM
-
-
 def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics(lambda: _stage_stats_or_none(host))
     admission = Admission(settings.max_running_requests, settings.max_waiting_requests)

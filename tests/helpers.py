@@ -30,9 +30,10 @@ from compute.line_kv import DraftKV
 from compute.model_source import load_config
 from compute.stage_model import StageModel
 from draft_models import DraftModel
+from pipeline.config import EngineConfig
 from pipeline.coordinator import STALL_TIMEOUT_S
 from pipeline.drafter import Drafter, local_drafter
-from pipeline.engine import Engine, EngineConfig
+from pipeline.engine import Engine
 from pipeline.local_transport import LocalTransport
 from pipeline.partition import balanced_plans
 from pipeline.speculation import SpeculationConfig

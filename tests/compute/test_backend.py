@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compute.backend import DeviceError, StageBackend, check_device_name, torch_device
+from compute.backend import StageBackend, torch_device
+from compute.options import DeviceError, check_device_name
 from compute.stage_model import StageModel
 from compute.types import GenerationRequest
-from pipeline.engine import Engine, EngineConfig
+from pipeline.config import EngineConfig
+from pipeline.engine import Engine
 from pipeline.partition import balanced_plans
 from pipeline.speculation import SpeculationConfig
 from pipeline.stage import Stage

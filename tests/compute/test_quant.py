@@ -12,7 +12,8 @@ import torch
 
 from compute.gguf_blocks import FORMATS
 from compute.line_kv import DraftKV
-from compute.quant import Int4Linear, Int8Linear, QuantizeError
+from compute.options import QuantizeError
+from compute.quant import Int4Linear, Int8Linear
 from compute.stage_model import StageModel
 from tests.helpers import make_tiny_model
 

@@ -223,7 +223,8 @@ def test_training_answers_run_past_end_of_text(tiny_text_model, tmp_path):
     nor masks it), and each answer is the target's own greedy text."""
     import shutil
 
-    from draft_models.distill import TrainConfig, generate_data
+    from draft_models.distill import generate_data
+    from draft_models.train_config import TrainConfig
     from draft_models.training_prompts import training_prompts
 
     model = tmp_path / "m"
@@ -245,9 +246,9 @@ def test_training_prompts_are_two_blocks_without_a_bench_prompt():
     """The templates' block first (the shipped head's first run trained on it
     alone), then the free-form block; a tenth of each held out; none of the
     bench's prompts, so the bench measures prompts the head never saw."""
-    from draft_models.distill import TrainConfig
+    from draft_models.train_config import TrainConfig
     from draft_models.training_prompts import REQUEST_BLOCK, held_out, training_prompts
-    from loadtests.bench import PROMPT_SETS, load_prompts
+    from loadtests.bench_config import PROMPT_SETS, load_prompts
 
     texts = [m[0]["content"] for m in training_prompts()]
     assert len(texts) == 6144 + REQUEST_BLOCK and len(set(texts)) == len(texts)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
-from loadtests.bench import load_prompts
+from loadtests.bench_config import load_prompts
 from loadtests.bench_summary import Floor, ModeRecord, ratios, summarize
 from loadtests.timing import RequestTiming
 from pipeline.speculation import SpeculationConfig
@@ -154,7 +154,8 @@ def test_bad_bench_arguments_are_clear_errors(capsys, tiny_text_model):
 
 
 def test_shipped_prompt_sets_are_conversations(tiny_text_model):
-    from loadtests.bench import PROMPT_SETS, encode_prompt
+    from loadtests.bench import encode_prompt
+    from loadtests.bench_config import PROMPT_SETS
     from tests.helpers import load_engine
 
     with load_engine(tiny_text_model) as engine:

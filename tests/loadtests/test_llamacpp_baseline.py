@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from loadtests import llamacpp_baseline
-from loadtests.bench import BASELINE_KINDS, BenchConfig, check_baseline_kind, stage_threads
+from loadtests.bench import stage_threads
+from loadtests.bench_config import BASELINE_KINDS, BenchConfig, check_baseline_kind
 from loadtests.bench_summary import ratios
 from loadtests.llamacpp_baseline import (
     BUILD_SCRIPT,
@@ -24,7 +25,7 @@ from loadtests.llamacpp_baseline import (
     model_gguf,
     server_flags,
 )
-from pipeline.engine import EngineConfig
+from pipeline.config import EngineConfig
 from pipeline.types import Mode
 
 MAX_TOKENS = 8

@@ -16,9 +16,7 @@ from loadtests.pair import (
     DAMPED_PROJECTIONS,
     NUM_NEW_TOKENS,
     REPORT_NAME,
-    SHAPES,
     PairError,
-    PairShape,
     damp,
     damped_parameters,
     draft_logits,
@@ -28,7 +26,9 @@ from loadtests.pair import (
     measure_agreement,
     random_prompts,
 )
-from pipeline.engine import Engine, EngineConfig
+from loadtests.shapes import SHAPES, PairShape
+from pipeline.config import EngineConfig
+from pipeline.engine import Engine
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode
 

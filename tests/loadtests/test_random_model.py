@@ -6,7 +6,7 @@ import json
 
 from cluster.cli import main
 from compute.types import GenerationRequest
-from loadtests.pair import SHAPES
+from loadtests.shapes import SHAPES
 from tests.helpers import greedy_reference, load_engine
 
 

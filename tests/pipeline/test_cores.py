@@ -8,8 +8,9 @@ import os
 import pytest
 
 from compute.types import GenerationRequest
+from pipeline.config import EngineConfig
 from pipeline.cores import machine_cores, shares_cores, split_cores
-from pipeline.engine import Engine, EngineConfig
+from pipeline.engine import Engine
 from pipeline.speculation import SpeculationConfig
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs Linux thread affinity")

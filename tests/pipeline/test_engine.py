@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from compute.types import FailureCode, GenerationRequest
-from pipeline.engine import GenerationError
-from pipeline.types import FinishEvent, TokenEvent
+from pipeline.types import FinishEvent, GenerationError, TokenEvent
 from tests.helpers import greedy_reference, load_engine
 
 
@@ -108,7 +107,8 @@ def test_a_dead_stage_thread_fails_requests_instead_of_hanging(tiny_target):
 
 
 def test_kv_budget_refuses_a_second_request_cleanly(tiny_target):
-    from pipeline.engine import Engine, EngineConfig
+    from pipeline.config import EngineConfig
+    from pipeline.engine import Engine
 
     config = EngineConfig(model=str(tiny_target), num_stages=2, kv_budget_bytes=1)
     with Engine.load(config, layer_delay=lambda stage, layer: 0.005, show_progress=False) as engine:
@@ -122,7 +122,8 @@ def test_kv_budget_refuses_a_second_request_cleanly(tiny_target):
 
 
 def test_stages_may_compute_in_different_dtypes(tiny_target):
-    from pipeline.engine import Engine, EngineConfig
+    from pipeline.config import EngineConfig
+    from pipeline.engine import Engine
     from pipeline.partition import StagePlan
 
     plans = (StagePlan(0, 2, dtype="bfloat16"), StagePlan(2, 4))

@@ -15,12 +15,12 @@ import ray
 
 from compute.types import GenerationRequest
 from draft_models import parse_draft
-from pipeline.engine import Engine, GenerationError
+from pipeline.engine import Engine
 from pipeline.partition import StagePlan, balanced_plans
 from pipeline.ray_cluster import RayCluster
 from pipeline.ray_transport import RayTransport
 from pipeline.speculation import SpeculationConfig
-from pipeline.types import Mode
+from pipeline.types import GenerationError, Mode
 from tests.compute.test_stage_model import full_model_bytes
 from tests.helpers import greedy_reference
 
@@ -68,7 +68,7 @@ def test_quantized_ray_stages_equal_the_quantized_target_alone(tiny_target, unre
 def test_tail_drafting_on_ray_stages_is_lossless(tiny_target, tiny_heads, mode):
     """A head on the last actor: features cross the actors with the hidden
     states, guesses come back with the results."""
-    from pipeline.engine import EngineConfig
+    from pipeline.config import EngineConfig
 
     plans = EngineConfig(draft=f"head:{tiny_heads['llama']}", num_stages=3).plans(tiny_target)
     transport = RayTransport(str(tiny_target), plans)
@@ -167,8 +167,9 @@ def test_health_is_503_not_500_when_a_stage_actor_is_gone(tiny_text_model):
 
     import httpx
 
-    from server.app import ServerSettings, create_app
+    from server.app import create_app
     from server.engine_host import EngineHost
+    from server.settings import ServerSettings
 
     with ray_engine(tiny_text_model, "none", 2, "ar") as engine:
         app = create_app(EngineHost.ready(engine), ServerSettings(served_model_name="tiny"))

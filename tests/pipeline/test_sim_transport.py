@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from compute.types import GenerationRequest
-from pipeline.engine import Engine, EngineConfig
+from pipeline.config import EngineConfig
+from pipeline.engine import Engine
 from pipeline.sim_profiles import PROFILES, get_profile
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode

@@ -9,11 +9,11 @@ import pytest
 from compute.types import GenerationRequest, SamplingParams
 from draft_models import load_draft
 from draft_models.base import DraftProposal
-from pipeline.speculation import EXPLORE_EVERY, AcceptanceModel, DraftHistory, RunCost, SpeculationConfig
 from pipeline.engine import Engine
 from pipeline.partition import balanced_plans
 from pipeline.sim_profiles import ClusterProfile
 from pipeline.sim_transport import SimulatedDrafter, SimulatedTransport
+from pipeline.speculation import EXPLORE_EVERY, AcceptanceModel, DraftHistory, RunCost, SpeculationConfig
 from pipeline.stage import Stage
 from tests.helpers import greedy_reference, load_engine
 

@@ -7,8 +7,9 @@ import threading
 import httpx
 import pytest
 
-from server.app import ServerSettings, create_app
+from server.app import create_app
 from server.engine_host import EngineHost
+from server.settings import ServerSettings
 from tests.helpers import load_engine
 
 

@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from compute.model_source import resolve_model
-from server.app import ServerSettings, create_app
+from server.app import create_app
 from server.engine_host import EngineHost
+from server.settings import ServerSettings
 from tests.helpers import load_engine, make_tiny_model_with_tokenizer
 
 STATUSES: dict[str, list[int]] = {}
