@@ -17,7 +17,7 @@ from cluster.spec import ClusterSpec, SpecError
 from compute.model_source import gguf_source, resolve_model
 from compute.stage_model import DTYPES
 from draft_models import parse_draft
-from draft_models.factory import draft_model_dir, head_path
+from draft_models.factory import concrete_draft, draft_model_dir, head_path
 from pipeline.cores import default_cores_per_stage
 from pipeline.partition import ModelCosts, StagePlan, balanced_ranges, model_costs
 
@@ -85,8 +85,8 @@ def bytes_per_weight(model_dir: Path, quantize: str, dtype: str) -> float:
 
 def _draft_params(text: str, costs: ModelCosts, model_dir: Path) -> int:
     """Compute per token the draft adds to the stage whose node runs it."""
-    spec = parse_draft(text)
-    if spec.kind == "head":  # it computes on the last stage; checked here, before anything starts
+    spec = parse_draft(concrete_draft(text, model_dir))
+    if spec.has_head:  # it computes on the last stage; checked here, before anything starts
         head_path(spec, model_dir)
     if spec.is_free or spec.kind == "synthetic":  # synthetic's cost is modelled by --simulate
         return 0

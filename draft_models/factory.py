@@ -15,12 +15,26 @@ from draft_models.base import DraftModel, NoDraft
 from draft_models.head import HeadError, TailDraft, checked_head_dir
 from draft_models.model_draft import ModelDraft
 from draft_models.ngram import NGramDraft
-from draft_models.spec import DRAFT_KINDS, DraftSpec, DraftSpecError, parse_draft
+from draft_models.spec import DRAFT_KINDS, HYBRID_MIN_MATCH, DraftSpec, DraftSpecError, parse_draft
 from draft_models.synthetic import SyntheticDraft
 
 
+def concrete_draft(text: str, target_dir: Path) -> str:
+    """`auto` as the draft it means for this target: ngram+head:default where
+    the shipped head was trained for it, ngram otherwise; any other value as
+    given. (What `auto` became is what logs, /health and results say.)"""
+    if parse_draft(text).kind != "auto":
+        return text
+    try:
+        checked_head_dir("default", target_dir)
+        return "ngram+head:default"
+    except HeadError:
+        return "ngram"
+
+
 def load_draft(text: str, target_dir: Path, dtype: torch.dtype = torch.float32, show_progress: bool = True) -> DraftModel:
-    spec = parse_draft(text)
+    """The coordinator's side of the draft `text` (a concrete one: see concrete_draft)."""
+    spec = parse_draft(concrete_draft(text, target_dir))
     target_config = load_config(target_dir)
     num_layers = target_config.num_hidden_layers
     if spec.kind == "none":
@@ -38,6 +52,9 @@ def load_draft(text: str, target_dir: Path, dtype: torch.dtype = torch.float32, 
     if spec.kind == "head":
         head_path(spec, target_dir)
         return TailDraft(spec.text)
+    if spec.kind == "hybrid":  # the head on the last stage; here, the lookup where it finds a long match
+        head_path(spec, target_dir)
+        return NGramDraft(min_ngram=HYBRID_MIN_MATCH, name=spec.text)
     if spec.kind == "vllm":
         return _vllm_draft(spec, target_dir, dtype, show_progress)
     draft_dir = draft_model_dir(spec, target_dir, show_progress)

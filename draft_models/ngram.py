@@ -15,14 +15,17 @@ from draft_models.base import DraftProposal
 
 
 class NGramDraft:
-    name = "ngram"
+    """min_ngram: the shortest match it guesses from (ngram+head's lookup
+    takes only long ones: the head guesses where it has none)."""
+
     is_free = True
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, name: str = "ngram") -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
+        self.name = name
 
     def propose(self, seq_id, token_ids: Sequence[int], max_tokens, sampling, generator) -> DraftProposal:
         tokens = list(token_ids)

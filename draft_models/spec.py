@@ -6,10 +6,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# ngram+head: the n-gram lookup drafts where the text's last tokens occurred
+# before at least this long (3: its longest match); the head everywhere else.
+HYBRID_MIN_MATCH = 3
+
 # Each kind as the user writes it, and what it is.
 DRAFT_KINDS = {
+    "auto": "ngram+head:default for a model that has a shipped head (the default model), else ngram",
     "none": "no draft (every mode decodes autoregressively)",
     "ngram": "prompt lookup (no weights)",
+    "ngram+head:PATH": (f"both: the n-gram lookup where the text's last {HYBRID_MIN_MATCH} tokens occurred before, "
+                        "the head (as head:PATH) everywhere else; each judged by its own record"),
     "layers:N": "the target's first N layers and its head",
     "int8": "a dynamically int8-quantized copy of the target",
     "synthetic:ALPHA": "an acceptance model for bench --simulate",
@@ -28,16 +35,21 @@ class DraftSpecError(ValueError):
 @dataclass(frozen=True, slots=True)
 class DraftSpec:
     text: str  # as given, for messages
-    kind: str  # none | ngram | layers | int8 | synthetic | head | vllm | model
+    kind: str  # auto | none | ngram | hybrid | layers | int8 | synthetic | head | vllm | model
     num_layers: int | None = None  # layers:N
     acceptance: float | None = None  # synthetic:ALPHA
-    path: str | None = None  # vllm:PATH, head:PATH, or a model path
+    path: str | None = None  # vllm:PATH, head:PATH, ngram+head:PATH's head, or a model path
 
     @property
     def is_free(self) -> bool:
         """Its guesses cost the coordinator's side no compute (as the loaded
         draft's is_free says; a head computes on the last stage)."""
-        return self.kind in ("none", "ngram", "head")
+        return self.kind in ("auto", "none", "ngram", "hybrid", "head")
+
+    @property
+    def has_head(self) -> bool:
+        """A head drafts on the last stage (head:PATH, ngram+head:PATH)."""
+        return self.kind in ("head", "hybrid")
 
     def error(self, message: str) -> DraftSpecError:
         return DraftSpecError(f"--draft {self.text!r}: {message}")
@@ -53,8 +65,12 @@ def parse_draft(text: str) -> DraftSpec:
     vocabulary, a model that exists) is checked where the draft is built."""
     text = text.strip()
     kind, _, arg = text.partition(":")
-    if text in ("none", "ngram", "int8"):
+    if text in ("auto", "none", "ngram", "int8"):
         return DraftSpec(text, text)
+    if kind == "ngram+head":
+        if not arg.strip():
+            raise DraftSpecError(f"--draft {text!r}: expected ngram+head:default or ngram+head:PATH")
+        return DraftSpec(text, "hybrid", path=arg.strip())
     if kind == "layers":
         try:
             return DraftSpec(text, "layers", num_layers=int(arg))

@@ -47,12 +47,12 @@ class EngineConfig:
         """The stages' layer ranges: the explicit ones, or a split balancing
         compute (over the simulated cluster's own stage count); with a head
         draft's directory where the draft is one."""
-        from draft_models.factory import head_path
+        from draft_models.factory import concrete_draft, head_path
         from pipeline.cores import default_cores_per_stage
         from pipeline.partition import balanced_plans
 
-        spec = parse_draft(self.draft)
-        head = str(head_path(spec, model_dir)) if spec.kind == "head" else None
+        spec = parse_draft(concrete_draft(self.draft, model_dir))
+        head = str(head_path(spec, model_dir)) if spec.has_head else None
         if self.stage_plans:
             return tuple(dataclasses.replace(plan, device=plan.device or self.device, quantize=self.quantize,
                                              draft_head=head) for plan in self.stage_plans)

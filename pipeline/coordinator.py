@@ -29,7 +29,9 @@ from compute.types import Failure, FailureCode, GenerationRequest, check_context
 from pipeline.drafter import Drafter, DraftRequest, Guesses
 from pipeline.sequence import EventSink, Guess, Launched, SequenceState
 from pipeline.speculation import (
+    DRAFT,
     EXPLORE_EVERY,
+    HEAD,
     AcceptanceModel,
     DraftHistory,
     RunCost,
@@ -226,8 +228,16 @@ class Coordinator:
         seq.stats.draft_calls += 1
         seq.stats.draft_guesses += len(guesses.token_ids)
         seq.stats.draft_s += guesses.seconds
-        self.draft_history.observe_compute(len(guesses.token_ids), guesses.seconds)
+        self.draft_history.observe_compute(len(guesses.token_ids), guesses.seconds, guesses.source)
         seq.add_guesses(guesses)
+
+    def _take_tail_offer(self, seq: SequenceState) -> None:
+        """The head's guesses, from the last result, where the drafter has
+        none: ngram+head's lookup found no long match (for a head alone,
+        the drafter never has any)."""
+        offer, seq.tail_offer = seq.tail_offer, None
+        if offer is not None and not seq.pending:
+            self._take_guesses(seq, offer)
 
     def _fail_sequence_of(self, kind: str, payload, exc: Exception) -> None:
         if kind in ("speculation", "fail_all"):
@@ -273,12 +283,14 @@ class Coordinator:
             if not seq.chain:
                 k = self._budget(seq, self.config.draft_len)
                 self._ask_draft(seq, seq.chain_end + k)  # (an inline drafter answers at once)
+                self._take_tail_offer(seq)
                 if len(seq.pending) >= k or seq.is_draft_exhausted:
                     self._submit(seq, [seq.pending.popleft() for _ in range(min(k, len(seq.pending)))], value=0.0)
                 # else: the one mode that waits for its guesses
         else:
             cap = self.config.runs_in_flight(self.transport.num_stages)
             self._ask_draft(seq, self._wanted_upto(seq, cap))  # an inline drafter answers at once
+            self._take_tail_offer(seq)
             in_pipeline = len(seq.chain)  # runs submitted before this launch
             while len(seq.chain) < cap:
                 # A run chained behind one launched now rides in its forward where the transport
@@ -323,13 +335,13 @@ class Coordinator:
         tokens only: its first guess too is judged by the token threshold.
         -> the guesses and the run's own chance. (While none is worth it,
         the drafter's probing guesses are judged without a run: _wanted_upto.)"""
-        run_bar, token_bar = self._bars()
         chain_value = seq.chain_value
         value, taken = 1.0, []
         depth = seq.streak + seq.num_guesses_in_flight
         for guess in list(seq.pending)[: self._budget(seq, self.config.draft_len)]:
             depth += 1
-            p = seq.acceptance.probability(guess.confidence, depth)
+            run_bar, token_bar = self._bars(guess.source)
+            p = seq.acceptance.probability(guess.confidence, depth, guess.source)
             if chain_value * value * p < (run_bar if seq.chain and not taken and not rides else token_bar):
                 break
             value *= p
@@ -338,30 +350,31 @@ class Coordinator:
             seq.pending.popleft()
         return taken, value
 
-    def _bars(self) -> tuple[float, float]:
+    def _bars(self, source: str = DRAFT) -> tuple[float, float]:
         """What a new run's first guess, and a guess more in a run, must be
         worth (speculation.py): both set by hand, or measured and raised by
-        the draft's share of the stages' cores."""
+        the source's share of the stages' cores."""
         if self.config.min_accept_prob is not None:
             return self.config.min_accept_prob, self.config.min_accept_prob
-        draft = self._draft_share()
+        draft = self._draft_share(source)
         run_bar = run_threshold(self.transport.num_layers, len(self._seqs))
         return min(1.0, run_bar + draft), self.run_cost.token_share() * len(self._seqs) + draft
 
-    def _draft_share(self) -> float:
-        """A guess's draft compute as a share of the pass it can save, where
-        the draft computes on a stage's cores (a head on the last stage
-        always does; else it costs the stages nothing)."""
+    def _draft_share(self, source: str = DRAFT) -> float:
+        """A guess's compute as a share of the pass it can save, where it is
+        computed on a stage's cores (a head's, on the last stage, always is;
+        the drafter's where it has no cores of its own; else it is free)."""
         pass_s = self.run_cost.pass_seconds(1)
-        if not (self.transport.draft_shares_cores or self.tail_drafting) or not pass_s:
+        on_stage = self.tail_drafting if source == HEAD else self.transport.draft_shares_cores
+        if not on_stage or not pass_s:
             return 0.0
-        return min(1.0, self.draft_history.seconds_per_guess() / pass_s)
+        return min(1.0, self.draft_history.seconds_per_guess(source) / pass_s)
 
     def _wanted_upto(self, seq: SequenceState, cap: int) -> int:
         """How far to ask the drafter to guess: enough to fill the room in the
         chain, and one run more for when a result frees a place, while
         guesses are worth it; one probing guess when they are not."""
-        if seq.chain_value * seq.acceptance.overall >= self._bars()[0]:
+        if seq.chain_value * seq.acceptance.overall(DRAFT) >= self._bars(DRAFT)[0]:
             want = (cap - len(seq.chain) + 1) * self.config.draft_len
         else:
             # A probe is free where the draft has cores of its own: one per verification.
@@ -396,11 +409,13 @@ class Coordinator:
             # A root run's outputs before its last verified token are known (a chunk's, all of them).
             logits_from=len(tip) if chunk is not None else max(0, len(tip) - 1),
             tail_guesses=tail,
-            tail_floor=self._bars()[1] if tail else 0.0,
+            tail_floor=self._bars(HEAD)[1] if tail else 0.0,
         )
         seq.launched[run.run_id] = Launched([None] * len(tip) + list(guesses), value,
                                             submitted_at=None if parent else self.clock())
         seq.stats.num_draft_tokens += len(guesses)
+        for guess in guesses:
+            seq.stats.guesses_by_source.setdefault(guess.source, [0, 0])[0] += 1
         seq.chain.append(run)
         seq.stats.num_runs += 1
         self._outbox.append(run)
@@ -477,7 +492,10 @@ class Coordinator:
             new_token_ids.append(token)
             if (finish_reason := self._finish_reason(seq, token)) is not None:
                 break
-        seq.stats.num_accepted_tokens += min(verdict.num_accepted - is_pending_accepted, len(new_token_ids))
+        accepted = min(verdict.num_accepted - is_pending_accepted, len(new_token_ids))
+        seq.stats.num_accepted_tokens += accepted
+        for guess in guesses[:accepted]:  # (launched guesses: a pending one, judged here, was last)
+            seq.stats.guesses_by_source[guess.source][1] += 1
         seq.stats.num_verify_steps += 1
         self._emit(seq, new_token_ids)
         if finish_reason is not None:
@@ -492,9 +510,9 @@ class Coordinator:
         elif is_after_pending:
             seq.pending.popleft()  # the pending guess just accepted is verified text now
         if result.guesses:  # tail drafting: the head drafted from where this verification ended
-            self._take_guesses(seq, Guesses(seq.seq_id, seq.epoch, result.guesses_start, list(result.guesses),
-                                            [None] * len(result.guesses), list(result.guess_confidences),
-                                            is_exhausted=True, seconds=result.guesses_s))
+            seq.tail_offer = Guesses(seq.seq_id, seq.epoch, result.guesses_start, list(result.guesses),
+                                     [None] * len(result.guesses), list(result.guess_confidences),
+                                     is_exhausted=True, seconds=result.guesses_s, source=HEAD)
 
     @staticmethod
     def _learn(seq: SequenceState, guesses: list[Guess | None], verdict) -> None:
@@ -504,7 +522,7 @@ class Coordinator:
         judged = guesses[: verdict.num_accepted + verdict.is_rejected]
         for i, guess in enumerate(judged):
             if guess is not None:
-                seq.acceptance.observe(guess.confidence, i < verdict.num_accepted, seq.streak + i + 1)
+                seq.acceptance.observe(guess.confidence, i < verdict.num_accepted, seq.streak + i + 1, guess.source)
         all_accepted = verdict.num_accepted == len(verdict.token_ids)
         seq.streak = seq.streak + verdict.num_accepted if all_accepted else 0
         seq.since_judged = 0 if any(g is not None for g in judged) else seq.since_judged + 1

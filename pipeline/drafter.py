@@ -37,6 +37,7 @@ import torch
 from compute.types import SamplingParams
 from draft_models.base import DraftModel
 from pipeline.cores import own_cores
+from pipeline.speculation import DRAFT
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Guesses:
     confidences: list[float]  # the draft's own belief in each guess, for calibration
     is_exhausted: bool = False  # the draft has no more guesses for this line (n-gram without a match)
     seconds: float = 0.0  # the draft's compute for this batch (the simulator's calibration reads it)
+    source: str = DRAFT  # the drafter's, or HEAD: the last stage's head (speculation.py judges each apart)
 
 
 GuessSink = Callable[[Guesses], None]

@@ -5,6 +5,7 @@ benchmark) talks only to this."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from compute.model_source import load_config, resolve_model
 from compute.types import Failure, FailureCode, GenerationRequest, SamplingParams
+from draft_models.factory import concrete_draft
 from pipeline.config import EngineConfig
 from pipeline.coordinator import STALL_TIMEOUT_S, Coordinator
 from pipeline.cores import split_cores
@@ -62,6 +64,7 @@ class Engine:
     def load(cls, config: EngineConfig, *, layer_delay: LayerDelay | None = None, show_progress: bool = True,
              stall_timeout_s: float = STALL_TIMEOUT_S) -> Engine:
         model_dir = resolve_model(config.model, show_progress)
+        config = dataclasses.replace(config, draft=concrete_draft(config.draft, model_dir))  # what `auto` means here
         plans = config.plans(model_dir)
         transport = _make_transport(config, model_dir, plans, layer_delay, show_progress)
         try:

@@ -11,7 +11,7 @@ import torch
 
 from compute.types import GenerationRequest
 from pipeline.drafter import Guesses
-from pipeline.speculation import AcceptanceModel
+from pipeline.speculation import DRAFT, AcceptanceModel
 from pipeline.types import FinishEvent, GenerationStats, Run, RunResult, TokenEvent
 
 EventSink = Callable[[TokenEvent | FinishEvent], None]
@@ -22,6 +22,7 @@ class Guess:
     token_id: int
     q: torch.Tensor | None  # [vocab]: the distribution it was drawn from (unseeded sampling); None: deterministic
     confidence: float  # the draft's own, calibrated by AcceptanceModel
+    source: str = DRAFT  # who guessed it (speculation.py: DRAFT or HEAD)
 
 
 @dataclass(slots=True)
@@ -44,6 +45,7 @@ class SequenceState:
     launched: dict[int, Launched] = field(default_factory=dict)  # run_id -> its guesses
     results: dict[int, RunResult] = field(default_factory=dict)  # arrived before the runs ahead of them
     pending: deque[Guess] = field(default_factory=deque)  # guesses for the positions after the chain
+    tail_offer: Guesses | None = None  # the head's, with the last result: taken where the drafter has none
     epoch: int = 0  # bumped when a guess is refuted: later guesses of the old line cannot be checked
     is_draft_exhausted: bool = False  # the drafter has no more guesses for this line
     told_len: int = 0  # how much of the verified text the drafter has been told
@@ -102,7 +104,7 @@ class SequenceState:
         if is_gap or guesses.token_ids[: len(known)] != known:
             self.new_line()  # out of step with the drafter: start both afresh from the verified text
             return
-        self.pending.extend(Guess(t, q, c) for t, q, c in list(zip(
+        self.pending.extend(Guess(t, q, c, guesses.source) for t, q, c in list(zip(
             guesses.token_ids, guesses.probs, guesses.confidences))[len(known):])
         self.is_draft_exhausted = guesses.is_exhausted
 
@@ -112,7 +114,7 @@ class SequenceState:
         -> False if one is refuted."""
         late = self.token_ids[guesses.start : guesses.start + len(guesses.token_ids)]
         for depth, (guess, truth, confidence) in enumerate(zip(guesses.token_ids, late, guesses.confidences), 1):
-            self.acceptance.observe(confidence, guess == truth, depth)
+            self.acceptance.observe(confidence, guess == truth, depth, guesses.source)
             self.since_judged = 0
             if guess != truth:
                 return False

@@ -107,61 +107,105 @@ class _Rates:
         self.accepted[b] += is_accepted
 
 
-class DraftHistory:
-    """What the engine learnt of its draft across requests: the acceptance
-    of its last HISTORY_GUESSES judged guesses (a new request's starting
-    rate, PRIOR_RATE before any), and its compute per guess."""
+# Where a guess came from: the drafter (its own worker, or inline), or the
+# head on the last stage (tail drafting). ngram+head has both; each source is
+# judged by its own record.
+DRAFT, HEAD = "draft", "head"
 
-    __slots__ = ("_verdicts", "_guesses", "_num_guesses", "_seconds")
+
+class _SourceHistory:
+    """One source's recent verdicts and compute (DraftHistory)."""
+
+    __slots__ = ("verdicts", "batches", "num_guesses", "seconds")
 
     def __init__(self) -> None:
-        self._verdicts: deque[bool] = deque(maxlen=HISTORY_GUESSES)
-        self._guesses: deque[tuple[int, float]] = deque(maxlen=DRAFT_COST_BATCHES)  # (guesses, seconds)
-        self._num_guesses, self._seconds = 0, 0.0  # their totals (read at every launch)
+        self.verdicts: deque[bool] = deque(maxlen=HISTORY_GUESSES)
+        self.batches: deque[tuple[int, float]] = deque(maxlen=DRAFT_COST_BATCHES)  # (guesses, seconds)
+        self.num_guesses, self.seconds = 0, 0.0  # their totals (read at every launch)
 
-    def observe(self, is_accepted: bool) -> None:
-        self._verdicts.append(is_accepted)
 
-    def rate(self) -> float:
-        return (sum(self._verdicts) + PRIOR_RATE * PRIOR_WEIGHT) / (len(self._verdicts) + PRIOR_WEIGHT)
+class DraftHistory:
+    """What the engine learnt of each source of guesses across requests:
+    the acceptance of its last HISTORY_GUESSES judged guesses (a new
+    request's starting rate, PRIOR_RATE before any), and its compute per guess."""
 
-    def observe_compute(self, num_guesses: int, seconds: float) -> None:
+    __slots__ = ("_sources",)
+
+    def __init__(self) -> None:
+        self._sources: dict[str, _SourceHistory] = {}
+
+    def _of(self, source: str) -> _SourceHistory:
+        return self._sources.setdefault(source, _SourceHistory())
+
+    def observe(self, is_accepted: bool, source: str = DRAFT) -> None:
+        self._of(source).verdicts.append(is_accepted)
+
+    def rate(self, source: str = DRAFT) -> float:
+        verdicts = self._of(source).verdicts
+        return (sum(verdicts) + PRIOR_RATE * PRIOR_WEIGHT) / (len(verdicts) + PRIOR_WEIGHT)
+
+    def observe_compute(self, num_guesses: int, seconds: float, source: str = DRAFT) -> None:
         if not num_guesses:
             return
-        if len(self._guesses) == self._guesses.maxlen:
-            old_guesses, old_seconds = self._guesses[0]  # about to fall out
-            self._num_guesses -= old_guesses
-            self._seconds -= old_seconds
-        self._guesses.append((num_guesses, seconds))
-        self._num_guesses += num_guesses
-        self._seconds += seconds
+        history = self._of(source)
+        if len(history.batches) == history.batches.maxlen:
+            old_guesses, old_seconds = history.batches[0]  # about to fall out
+            history.num_guesses -= old_guesses
+            history.seconds -= old_seconds
+        history.batches.append((num_guesses, seconds))
+        history.num_guesses += num_guesses
+        history.seconds += seconds
 
-    def seconds_per_guess(self) -> float:
-        """The draft's compute per guess over its recent batches (0 before any)."""
-        return self._seconds / self._num_guesses if self._num_guesses else 0.0
+    def seconds_per_guess(self, source: str = DRAFT) -> float:
+        """The source's compute per guess over its recent batches (0 before any)."""
+        history = self._of(source)
+        return history.seconds / history.num_guesses if history.num_guesses else 0.0
+
+
+class _SourceAcceptance:
+    """One source's rates in a request (AcceptanceModel)."""
+
+    __slots__ = ("by_depth", "by_confidence", "prior")
+
+    def __init__(self, prior: float) -> None:
+        self.by_depth = _Rates(len(DEPTH_BINS))
+        self.by_confidence = _Rates(NUM_BINS)
+        self.prior = prior
+
+    @property
+    def overall(self) -> float:
+        counts = self.by_depth
+        return (sum(counts.accepted) + self.prior * PRIOR_WEIGHT) / (sum(counts.tried) + PRIOR_WEIGHT)
 
 
 class AcceptanceModel:
-    """Per request: the probability that a guess is accepted, learnt from the
-    verdicts so far, by its *depth* (1 for the first guess after a token the
-    target chose itself, d for one following d - 1 accepted guesses: copying
-    runs long, so the rate rises with depth) and by the draft's confidence
-    (how informative it is, the verdicts tell). The two combine as factors
-    on the request's overall rate, which starts at PRIOR_RATE (optimistic, so
-    that the first pipeline pass is speculated: a useless draft is found out
-    after a handful of guesses). An uninformative confidence (a synthetic
-    draft's constant, a model's flat top probability) so changes nothing,
-    while an informative one keeps unlikely guesses out of the pipeline.
-    Given the engine's DraftHistory, the request starts from the draft's
-    rate on the requests before it, and its verdicts go there too."""
+    """Per request and per source of guesses: the probability that a guess
+    is accepted, learnt from the verdicts so far, by its *depth* (1 for the
+    first guess after a token the target chose itself, d for one following
+    d - 1 accepted guesses: copying runs long, so the rate rises with depth)
+    and by the draft's confidence (how informative it is, the verdicts tell).
+    The two combine as factors on the source's overall rate in the request,
+    which starts at PRIOR_RATE (optimistic, so that the first pipeline pass
+    is speculated: a useless draft is found out after a handful of guesses).
+    An uninformative confidence (a synthetic draft's constant, a model's flat
+    top probability) so changes nothing, while an informative one keeps
+    unlikely guesses out of the pipeline. Given the engine's DraftHistory, a
+    source starts from its rate on the requests before, and its verdicts go
+    there too. Sources never pool: ngram+head's lookup, right in long
+    stretches, and its head, right half the time, each get their own bars."""
 
-    __slots__ = ("_by_depth", "_by_confidence", "_history", "_prior")
+    __slots__ = ("_sources", "_history")
 
     def __init__(self, history: DraftHistory | None = None) -> None:
-        self._by_depth = _Rates(len(DEPTH_BINS))
-        self._by_confidence = _Rates(NUM_BINS)
+        self._sources: dict[str, _SourceAcceptance] = {}
         self._history = history
-        self._prior = history.rate() if history is not None else PRIOR_RATE
+
+    def _of(self, source: str) -> _SourceAcceptance:
+        rates = self._sources.get(source)
+        if rates is None:
+            prior = self._history.rate(source) if self._history is not None else PRIOR_RATE
+            rates = self._sources[source] = _SourceAcceptance(prior)
+        return rates
 
     @staticmethod
     def _confidence_bin(confidence: float) -> int:
@@ -171,22 +215,22 @@ class AcceptanceModel:
     def _depth_bin(depth: int) -> int:
         return next(i for i, top in enumerate(DEPTH_BINS) if depth <= top)
 
-    @property
-    def overall(self) -> float:
-        counts = self._by_depth
-        return (sum(counts.accepted) + self._prior * PRIOR_WEIGHT) / (sum(counts.tried) + PRIOR_WEIGHT)
+    def overall(self, source: str = DRAFT) -> float:
+        return self._of(source).overall
 
-    def probability(self, confidence: float, depth: int = 1) -> float:
-        overall = self.overall
-        by_depth = self._by_depth.rate(self._depth_bin(depth), overall)
-        by_confidence = self._by_confidence.rate(self._confidence_bin(confidence), overall)
+    def probability(self, confidence: float, depth: int = 1, source: str = DRAFT) -> float:
+        rates = self._of(source)
+        overall = rates.overall
+        by_depth = rates.by_depth.rate(self._depth_bin(depth), overall)
+        by_confidence = rates.by_confidence.rate(self._confidence_bin(confidence), overall)
         return min(1.0, by_depth * by_confidence / overall)
 
-    def observe(self, confidence: float, is_accepted: bool, depth: int = 1) -> None:
-        self._by_depth.observe(self._depth_bin(depth), is_accepted)
-        self._by_confidence.observe(self._confidence_bin(confidence), is_accepted)
+    def observe(self, confidence: float, is_accepted: bool, depth: int = 1, source: str = DRAFT) -> None:
+        rates = self._of(source)
+        rates.by_depth.observe(self._depth_bin(depth), is_accepted)
+        rates.by_confidence.observe(self._confidence_bin(confidence), is_accepted)
         if self._history is not None:
-            self._history.observe(is_accepted)
+            self._history.observe(is_accepted, source)
 
 
 _STALE = object()  # RunCost's fit, before it is computed for the current samples

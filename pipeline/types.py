@@ -143,6 +143,8 @@ class GenerationStats:
     elapsed_s: float = 0.0
     first_token_s: float | None = None
     cancelled_run_ids: list[int] = field(default_factory=list)  # for the benchmark's wasted-compute figure
+    # per source of guesses (speculation.py: draft, head): [launched, accepted]
+    guesses_by_source: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float:
@@ -168,6 +170,7 @@ class GenerationStats:
             "num_runs_cancelled": self.num_runs_cancelled,
             "num_draft_tokens": self.num_draft_tokens,
             "num_accepted_tokens": self.num_accepted_tokens,
+            "guesses_by_source": {source: list(counts) for source, counts in self.guesses_by_source.items()},
             "elapsed_s": round(self.elapsed_s, 4),
             "ttft_s": None if self.first_token_s is None else round(self.first_token_s, 4),
         }

@@ -94,9 +94,9 @@ def test_a_split_that_does_not_fit_says_by_how_much(tmp_path, default_model):
 
 
 # One example of every draft kind the CLI accepts (draft_models.spec.DRAFT_KINDS).
-DRAFT_EXAMPLES = {"none": "none", "ngram": "ngram", "layers:N": "layers:2", "int8": "int8",
-                  "synthetic:ALPHA": "synthetic:0.8", "vllm:PATH": "vllm:default", "PATH": "default",
-                  "head:default": "head:default", "head:PATH": "head:HEAD"}
+DRAFT_EXAMPLES = {"auto": "auto", "none": "none", "ngram": "ngram", "ngram+head:PATH": "ngram+head:HEAD",
+                  "layers:N": "layers:2", "int8": "int8", "synthetic:ALPHA": "synthetic:0.8",
+                  "vllm:PATH": "vllm:default", "PATH": "default", "head:default": "head:default", "head:PATH": "head:HEAD"}
 
 
 def test_the_examples_cover_every_draft_kind():
@@ -106,8 +106,8 @@ def test_the_examples_cover_every_draft_kind():
 @pytest.mark.parametrize("draft", DRAFT_EXAMPLES.values())
 def test_plan_and_up_accept_every_draft_kind(tmp_path, tiny_text_model, default_model, draft):
     model = default_model if draft == "head:default" else tiny_text_model  # the shipped head is the default model's
-    if draft == "head:HEAD":
-        draft = f"head:{make_tiny_head(tiny_text_model, tmp_path / 'head', seed=1)}"
+    if draft.endswith("head:HEAD"):
+        draft = draft.replace("HEAD", str(make_tiny_head(tiny_text_model, tmp_path / "head", seed=1)))
     path = write(tmp_path, f"model: {model}\ndraft: {draft}\nstages: 2\ntransport: local\n")
     assert "draft " + draft in plan(str(path))
     config = engine_config(load_spec(path))  # what `up` serves

@@ -68,7 +68,7 @@ def test_draft_kinds(tiny_target, spec, kind, num_layers):
 @pytest.mark.parametrize("spec,message", [
     ("layers:0", r"N must be in 1\.\.4"),
     ("layers:x", r"expected layers:N with an integer N"),
-    ("/no/such/draft", r"not found.*Drafts: none, ngram, layers:N, int8"),
+    ("/no/such/draft", r"not found.*Drafts: auto, none, ngram, ngram\+head:PATH, layers:N, int8"),
 ])
 def test_bad_draft_specs_are_explained(tiny_target, spec, message):
     with pytest.raises(DraftSpecError, match=message):

@@ -148,7 +148,7 @@ def test_the_coordinator_asks_the_head_to_stop_where_a_guess_would_not_be_launch
     with load_engine(tiny_target, f"head:{tiny_heads['llama']}", 2, Mode.PIPEINFER) as engine:
         runs, submit = [], engine.transport.submit_together
         engine.transport.submit_together = lambda launched: (runs.extend(launched), submit(launched))[1]
-        engine._coordinator._bars = lambda: (0.5, 0.25)  # (a run's bar, a token's), measured ones move with timing
+        engine._coordinator._bars = lambda source="draft": (0.5, 0.25)  # (a run's bar, a token's): measured ones move
         got = engine.complete(GenerationRequest(prompt, 12))
     assert got.token_ids == greedy_reference(tiny_target, list(prompt), 12)
     asked = [run for run in runs if run.tail_guesses]
@@ -362,7 +362,7 @@ def test_a_run_launched_with_its_parent_rides_in_its_forward_and_costs_tokens(ti
     tests/pipeline/test_stage_loop.py.)"""
     prompt = (9, 8, 7, 9, 8)
     with load_engine(tiny_target, f"head:{tiny_heads['llama']}", 1, Mode.PIPEINFER, draft_len=2) as engine:
-        engine._coordinator._bars = lambda: (1.01, 0.0)  # (a run's bar, a token's)
+        engine._coordinator._bars = lambda source="draft": (1.01, 0.0)  # (a run's bar, a token's)
         engine.stage_spans()
         out = engine.complete(GenerationRequest(prompt, 16))
         spans = engine.stage_spans()
@@ -408,3 +408,33 @@ def test_the_heads_lines_count_in_the_stages_kv_budget(tiny_target, tiny_heads):
     stage.apply(FreeSequence(0))
     assert stage.stats()["kv_bytes"] == 0
     assert stage.process(Run(2, 1, None, 0, text, False, SamplingParams(), logits_from=len(text) - 1), None).failure is None
+
+
+def test_ngram_and_head_each_draft_where_they_should_and_are_judged_apart(tiny_target, tiny_heads):
+    """ngram+head: the lookup's guesses where the text's last 3 tokens
+    occurred before, the head's elsewhere (the first result's guesses are
+    the head's unless the lookup has some); each source counted apart; the
+    text the target's own."""
+    head = tiny_heads["llama"]
+    repetitive, plain = (5, 6, 7, 8, 9, 5, 6, 7), (11, 40, 3, 77, 21)
+    sources = {}
+    with load_engine(tiny_target, f"ngram+head:{head}", 2, Mode.SYNC, min_accept_prob=0.0) as engine:
+        for name, prompt in (("repetitive", repetitive), ("plain", plain)):
+            out = engine.complete(GenerationRequest(prompt, 12))
+            assert out.token_ids == greedy_reference(tiny_target, list(prompt), 12), name
+            sources[name] = out.stats.guesses_by_source
+    # The repeated prompt's first guesses come from the lookup (5, 6, 7 was followed by 8 before).
+    assert sources["repetitive"]["draft"][0] > 0
+    # With no long match the head drafts: its guesses are launched, and counted as its own.
+    assert sources["plain"]["head"][0] > 0
+    for counts in sources.values():
+        assert all(0 <= accepted <= launched for launched, accepted in counts.values())
+
+
+@pytest.mark.slow
+def test_auto_is_ngram_and_the_shipped_head_for_the_default_model_and_ngram_elsewhere(default_model, tiny_target):
+    from draft_models.factory import concrete_draft
+
+    assert concrete_draft("auto", default_model) == "ngram+head:default"
+    assert concrete_draft("auto", tiny_target) == "ngram"  # the shipped head was trained for another target
+    assert concrete_draft("head:default", default_model) == "head:default"

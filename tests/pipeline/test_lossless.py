@@ -41,8 +41,9 @@ def reference(model_dir, prompt: list[int], max_tokens: int) -> list[int]:
     return _reference_cache[key][:max_tokens]
 
 
-def draft_spec(kind: str, model_dir, unrelated_draft) -> str:
-    return {"unrelated": str(unrelated_draft), "self": str(model_dir)}.get(kind, kind)
+def draft_spec(kind: str, model_dir, unrelated_draft, head=None) -> str:
+    return {"unrelated": str(unrelated_draft), "self": str(model_dir), "head": f"head:{head}",
+            "ngram+head": f"ngram+head:{head}"}.get(kind, kind)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -50,7 +51,8 @@ def draft_spec(kind: str, model_dir, unrelated_draft) -> str:
 def test_tiny_models_equal_greedy_reference(tiny_targets, unrelated_draft, tiny_heads, data):
     arch = data.draw(st.sampled_from(sorted(tiny_targets)), label="arch")
     model_dir = tiny_targets[arch]
-    draft = data.draw(st.sampled_from(["none", "ngram", "layers:1", "layers:3", "int8", "unrelated", "self", "head"]),
+    draft = data.draw(st.sampled_from(["none", "ngram", "layers:1", "layers:3", "int8", "unrelated", "self", "head",
+                                       "ngram+head"]),
                       label="draft")
     mode = data.draw(st.sampled_from(MODES), label="mode")
     stages = data.draw(st.integers(1, 4), label="stages")
@@ -69,7 +71,7 @@ def test_tiny_models_equal_greedy_reference(tiny_targets, unrelated_draft, tiny_
         rng = random.Random(delay_seed)
         layer_delay = lambda stage, layer: rng.random() * 0.002  # noqa: E731
 
-    spec = f"head:{tiny_heads[arch]}" if draft == "head" else draft_spec(draft, model_dir, unrelated_draft)
+    spec = draft_spec(draft, model_dir, unrelated_draft, tiny_heads[arch])
     with load_engine(model_dir, spec, stages, mode, layer_delay=layer_delay, **speculation) as engine:
         out = engine.complete(GenerationRequest(tuple(prompt), max_tokens))
     assert out.token_ids == reference(model_dir, prompt, max_tokens)
@@ -85,12 +87,12 @@ def test_quantized_targets_equal_their_own_greedy(tiny_targets, unrelated_draft,
     arch = data.draw(st.sampled_from(sorted(tiny_targets)), label="arch")
     quantize = data.draw(st.sampled_from(["int4", "int8"]), label="quantize")
     model_dir = tiny_targets[arch]
-    draft = data.draw(st.sampled_from(["ngram", "unrelated", "self", "head"]), label="draft")
+    draft = data.draw(st.sampled_from(["ngram", "unrelated", "self", "head", "ngram+head"]), label="draft")
     mode = data.draw(st.sampled_from(MODES), label="mode")
     stages = data.draw(st.integers(1, 4), label="stages")
     prompt = data.draw(st.lists(st.integers(2, TINY_VOCAB - 1), min_size=1, max_size=4), label="fragment") * 2
     rng = random.Random(data.draw(st.integers(0, 1000), label="delay_seed"))
-    spec = f"head:{tiny_heads[arch]}" if draft == "head" else draft_spec(draft, model_dir, unrelated_draft)
+    spec = draft_spec(draft, model_dir, unrelated_draft, tiny_heads[arch])
     with load_engine(model_dir, spec, stages, mode, layer_delay=lambda stage, layer: rng.random() * 0.002,
                      quantize=quantize, min_accept_prob=data.draw(st.sampled_from([0.0, 0.15]))) as engine:
         out = engine.complete(GenerationRequest(tuple(prompt), 16))
@@ -157,7 +159,7 @@ def test_default_model_equals_greedy_reference(default_model, mode):
         "The capital of France is",
         "List the days of the week: Monday, Tuesday, Wednesday, Thursday, Friday,",
     ]
-    drafts = ["none", "ngram", "layers:10", "int8", str(default_model)]
+    drafts = ["auto", "none", "ngram", "layers:10", "int8", str(default_model)]
     for index, draft in enumerate(drafts):
         stages = 1 + (index + MODES.index(mode)) % 4
         with load_engine(default_model, draft, stages, mode) as engine:
@@ -214,7 +216,8 @@ def test_seeded_sampling_is_identical_in_every_mode_draft_and_timing(tiny_target
     expected = coupled_reference(tiny_target, prompt, 16, params)
     rng = random.Random(seed)
     for mode in Mode:
-        for draft in ("none", "ngram", "layers:2", str(unrelated_draft), str(tiny_target), f"head:{tiny_heads['llama']}"):
+        for draft in ("none", "ngram", "layers:2", str(unrelated_draft), str(tiny_target), f"head:{tiny_heads['llama']}",
+                      f"ngram+head:{tiny_heads['llama']}"):
             stages = rng.randint(1, 4)
             delay = lambda stage, layer: rng.random() * 0.002  # noqa: E731
             with load_engine(tiny_target, draft, stages, mode, layer_delay=delay, min_accept_prob=0.0) as engine:

@@ -34,11 +34,12 @@ def text_head(tiny_text_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode,draft", [("ar", "none"), ("sync", "layers:2"), ("pipeinfer", "layers:1"),
-                                        ("pipeinfer", "ngram"), ("sync", "head"), ("pipeinfer", "head")])
+                                        ("pipeinfer", "ngram"), ("sync", "head"), ("pipeinfer", "head"),
+                                        ("pipeinfer", "ngram+head")])
 def test_mpi_ranks_are_lossless(tiny_text_model, text_head, mode, draft):
     prompt = "Once upon a time there was"
-    num_ranks = 3 if draft in ("none", "ngram", "head") else 4  # a model draft drafts on its own rank
-    draft = f"head:{text_head}" if draft == "head" else draft  # the head drafts on the last stage's rank
+    num_ranks = 3 if draft in ("none", "ngram", "head", "ngram+head") else 4  # a model draft drafts on its own rank
+    draft = f"{draft}:{text_head}" if "head" in draft else draft  # the head drafts on the last stage's rank
     result = mpi_generate(2, num_ranks, "--model", str(tiny_text_model), "--mode", mode, "--draft", draft, "--prompt", prompt,
                           "--max-tokens", "16", "--ignore-eos", "--min-accept-prob", "0")
     ids = AutoTokenizer.from_pretrained(tiny_text_model).encode(prompt)

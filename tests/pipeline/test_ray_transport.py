@@ -13,7 +13,7 @@ import time
 import pytest
 import ray
 
-from compute.types import GenerationRequest
+from compute.types import GenerationRequest, SamplingParams
 from draft_models import parse_draft
 from pipeline.engine import Engine
 from pipeline.partition import StagePlan, balanced_plans
@@ -64,21 +64,28 @@ def test_quantized_ray_stages_equal_the_quantized_target_alone(tiny_target, unre
             assert out.token_ids == greedy_reference(tiny_target, prompt, max_tokens, quantize=quantize), mode
 
 
-@pytest.mark.parametrize("mode", ["sync", "pipeinfer"])
-def test_tail_drafting_on_ray_stages_is_lossless(tiny_target, tiny_heads, mode):
-    """A head on the last actor: features cross the actors with the hidden
-    states, guesses come back with the results."""
+@pytest.mark.parametrize("mode,kind", [("sync", "head"), ("pipeinfer", "head"), ("sync", "ngram+head"),
+                                       ("pipeinfer", "ngram+head")])
+def test_tail_drafting_on_ray_stages_is_lossless(tiny_target, tiny_heads, mode, kind):
+    """A head on the last actor (alone, or with the n-gram lookup on the
+    coordinator): features cross the actors with the hidden states, guesses
+    come back with the results; greedy and seeded text as the target's alone."""
     from pipeline.config import EngineConfig
+    from tests.pipeline.test_lossless import coupled_reference
 
-    plans = EngineConfig(draft=f"head:{tiny_heads['llama']}", num_stages=3).plans(tiny_target)
+    draft = f"{kind}:{tiny_heads['llama']}"
+    plans = EngineConfig(draft=draft, num_stages=3).plans(tiny_target)
     transport = RayTransport(str(tiny_target), plans)
     spec = SpeculationConfig(mode=Mode(mode), min_accept_prob=0.0)
-    with Engine(tiny_target, transport, transport.drafter("none", tiny_target, "float32"), spec,
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=5)
+    with Engine(tiny_target, transport, transport.drafter(draft, tiny_target, "float32"), spec,
                 tail_drafting=True) as engine:
-        for prompt, max_tokens in (([3, 4, 5], 17), ([50, 51, 50, 51], 9)):
+        for prompt, max_tokens in (([3, 4, 5], 17), ([50, 51, 50, 51, 50, 51], 9)):
             out = engine.complete(GenerationRequest(tuple(prompt), max_tokens))
             assert out.token_ids == greedy_reference(tiny_target, prompt, max_tokens), mode
             assert out.stats.draft_guesses > 0
+            out = engine.complete(GenerationRequest(tuple(prompt), max_tokens, seeded))
+            assert out.token_ids == coupled_reference(tiny_target, prompt, max_tokens, seeded), mode
         assert engine.stage_stats()[-1]["draft_head_tokens"] > 0
 
 
