@@ -15,7 +15,7 @@ from draft_models.base import DraftModel, NoDraft
 from draft_models.head import HeadError, TailDraft, checked_head_dir
 from draft_models.model_draft import ModelDraft
 from draft_models.ngram import NGramDraft
-from draft_models.spec import DRAFT_KINDS, HYBRID_MIN_MATCH, DraftSpec, DraftSpecError, parse_draft
+from draft_models.spec import DRAFT_KINDS, DraftSpec, DraftSpecError, parse_draft
 from draft_models.synthetic import SyntheticDraft
 
 
@@ -52,9 +52,9 @@ def load_draft(text: str, target_dir: Path, dtype: torch.dtype = torch.float32, 
     if spec.kind == "head":
         head_path(spec, target_dir)
         return TailDraft(spec.text)
-    if spec.kind == "hybrid":  # the head on the last stage; here, the lookup where it finds a long match
+    if spec.kind == "hybrid":  # the head on the last stage; here, the lookup (the coordinator picks: _take_tail_offer)
         head_path(spec, target_dir)
-        return NGramDraft(min_ngram=HYBRID_MIN_MATCH, name=spec.text)
+        return NGramDraft(name=spec.text)
     if spec.kind == "vllm":
         return _vllm_draft(spec, target_dir, dtype, show_progress)
     draft_dir = draft_model_dir(spec, target_dir, show_progress)

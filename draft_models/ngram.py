@@ -15,8 +15,8 @@ from draft_models.base import DraftProposal
 
 
 class NGramDraft:
-    """min_ngram: the shortest match it guesses from (ngram+head's lookup
-    takes only long ones: the head guesses where it has none)."""
+    """name: ngram, or ngram+head:PATH for that hybrid's lookup (the head
+    drafts on the last stage; the coordinator picks between the two)."""
 
     is_free = True
 

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# ngram+head: the n-gram lookup drafts where the text's last tokens occurred
-# before at least this long (3: its longest match); the head everywhere else.
-HYBRID_MIN_MATCH = 3
-
 # Each kind as the user writes it, and what it is.
 DRAFT_KINDS = {
     "auto": "ngram+head:default for a model that has a shipped head (the default model), else ngram",
     "none": "no draft (every mode decodes autoregressively)",
     "ngram": "prompt lookup (no weights)",
-    "ngram+head:PATH": (f"both: the n-gram lookup where the text's last {HYBRID_MIN_MATCH} tokens occurred before, "
-                        "the head (as head:PATH) everywhere else; each judged by its own record"),
+    "ngram+head:PATH": ("both the n-gram lookup and the head (as head:PATH): after each verification, the guesses of "
+                        "whichever the request's record says is likelier to be accepted"),
     "layers:N": "the target's first N layers and its head",
     "int8": "a dynamically int8-quantized copy of the target",
     "synthetic:ALPHA": "an acceptance model for bench --simulate",

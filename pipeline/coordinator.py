@@ -18,6 +18,7 @@ Modes:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -232,12 +233,28 @@ class Coordinator:
         seq.add_guesses(guesses)
 
     def _take_tail_offer(self, seq: SequenceState) -> None:
-        """The head's guesses, from the last result, where the drafter has
-        none: ngram+head's lookup found no long match (for a head alone,
-        the drafter never has any)."""
+        """The head's guesses from the last result, where the drafter has
+        none (a head alone: its drafter never has any) or where the request's
+        record says the head's first guess is likelier to be accepted than
+        the drafter's (ngram+head: each source judged by its own record, by
+        its confidence: the lookup's long matches on copied text, the head's
+        guesses where the lookup has only a short match)."""
         offer, seq.tail_offer = seq.tail_offer, None
-        if offer is not None and not seq.pending:
-            self._take_guesses(seq, offer)
+        if offer is None or not offer.token_ids:
+            # Unasked while the drafter won (below), or with nothing: ask the head again once the drafter has none.
+            seq.head_passed = seq.head_passed + 1 if seq.pending else 0
+            return
+        if seq.pending:
+            depth = seq.streak + seq.num_guesses_in_flight + 1
+            mine, theirs = seq.pending[0], offer.confidences[0]
+            if seq.acceptance.probability(theirs, depth, HEAD) < seq.acceptance.probability(
+                    mine.confidence, depth, mine.source):
+                seq.head_passed += 1
+                return
+            seq.new_line()  # the drafter's guesses give way (it rolls back when next asked)
+            offer = dataclasses.replace(offer, epoch=seq.epoch)
+        seq.head_passed = 0
+        self._take_guesses(seq, offer)
 
     def _fail_sequence_of(self, kind: str, payload, exc: Exception) -> None:
         if kind in ("speculation", "fail_all"):
@@ -424,9 +441,14 @@ class Coordinator:
         """How many guesses the last stage's head adds to a run's result: a
         run's worth (sync), two (pipeinfer: one for a run chained behind the
         next); none in ar mode, for unseeded sampling (where verification
-        ends is drawn at the coordinator) or past max_tokens."""
+        ends is drawn at the coordinator), past max_tokens, or while the
+        drafter's guesses keep winning over the head's (ngram+head: one
+        verification in EXPLORE_EVERY still asks the head, to notice it
+        doing better)."""
         sampling = seq.request.sampling
         if not self.tail_drafting or self.config.mode is Mode.AR or not (sampling.is_greedy or sampling.is_coupled):
+            return 0
+        if seq.head_passed % EXPLORE_EVERY:  # the drafter's guesses won of late: the head's compute would be lost
             return 0
         runs = 2 if self.config.mode is Mode.PIPEINFER else 1
         return max(0, min(runs * self.config.draft_len, seq.max_useful_position - end_pos))

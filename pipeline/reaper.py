@@ -71,6 +71,23 @@ def kill(procs: list[Proc], timeout_s: float = 5.0) -> list[Proc]:
     return killed
 
 
+def using(directory: Path) -> list[Proc]:
+    """Processes other than this one whose command line names `directory`:
+    every process of a private Ray does (its session dir lies inside), those
+    started since the owner's last report included."""
+    needle, found = str(directory).encode(), []
+    for entry in PROC.iterdir() if PROC.is_dir() else ():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            named = needle in (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if named and (proc := identify(int(entry.name))) is not None:
+            found.append(proc)
+    return found
+
+
 def main() -> None:
     directory = Path(sys.argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the server is not for us
@@ -78,8 +95,14 @@ def main() -> None:
     for line in sys.stdin:  # ends at EOF: the owner has stopped or died
         pid, start = line.split()
         procs.append((int(pid), int(start)))
-    kill(procs)
-    shutil.rmtree(directory, ignore_errors=True)
+    kill(procs + using(directory))
+    deadline = time.monotonic() + 5.0
+    while True:  # a process still writing there makes a removal fail: kill it and try again
+        shutil.rmtree(directory, ignore_errors=True)
+        if not directory.exists() or time.monotonic() > deadline:
+            break
+        kill(using(directory))
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ class SequenceState:
     launched: dict[int, Launched] = field(default_factory=dict)  # run_id -> its guesses
     results: dict[int, RunResult] = field(default_factory=dict)  # arrived before the runs ahead of them
     pending: deque[Guess] = field(default_factory=deque)  # guesses for the positions after the chain
-    tail_offer: Guesses | None = None  # the head's, with the last result: taken where the drafter has none
+    tail_offer: Guesses | None = None  # the head's, with the last result: taken where the drafter's are worse
+    head_passed: int = 0  # launches since the head's guesses were last taken, while the drafter's won
     epoch: int = 0  # bumped when a guess is refuted: later guesses of the old line cannot be checked
     is_draft_exhausted: bool = False  # the drafter has no more guesses for this line
     told_len: int = 0  # how much of the verified text the drafter has been told

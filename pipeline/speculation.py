@@ -116,12 +116,13 @@ DRAFT, HEAD = "draft", "head"
 class _SourceHistory:
     """One source's recent verdicts and compute (DraftHistory)."""
 
-    __slots__ = ("verdicts", "batches", "num_guesses", "seconds")
+    __slots__ = ("verdicts", "batches", "num_guesses", "seconds", "is_warm")
 
     def __init__(self) -> None:
         self.verdicts: deque[bool] = deque(maxlen=HISTORY_GUESSES)
         self.batches: deque[tuple[int, float]] = deque(maxlen=DRAFT_COST_BATCHES)  # (guesses, seconds)
         self.num_guesses, self.seconds = 0, 0.0  # their totals (read at every launch)
+        self.is_warm = False  # past the source's first batch
 
 
 class DraftHistory:
@@ -145,9 +146,16 @@ class DraftHistory:
         return (sum(verdicts) + PRIOR_RATE * PRIOR_WEIGHT) / (len(verdicts) + PRIOR_WEIGHT)
 
     def observe_compute(self, num_guesses: int, seconds: float, source: str = DRAFT) -> None:
+        """A batch of guesses and its compute. A source's first batch is not
+        counted: it pays one-time costs (lazy initialisation, first
+        allocations; 25 forwards' worth seen), which would price the source
+        out of speculation for good."""
         if not num_guesses:
             return
         history = self._of(source)
+        if not history.is_warm:
+            history.is_warm = True
+            return
         if len(history.batches) == history.batches.maxlen:
             old_guesses, old_seconds = history.batches[0]  # about to fall out
             history.num_guesses -= old_guesses

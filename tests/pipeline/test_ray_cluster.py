@@ -103,3 +103,21 @@ def test_joining_an_initialised_ray_never_stops_it():
     finally:
         cluster.stop()
     assert not ray.is_initialized()
+
+
+def test_the_reaper_also_kills_what_it_was_never_told_of(tmp_path):
+    """A process the owner had no time to report (started since its last
+    look) names the cluster's directory on its command line: the reaper
+    finds it there, kills it, and removes the directory it was writing to."""
+    directory = tmp_path / "pipeinfer-ray-x"
+    directory.mkdir()
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, time, pathlib\n"
+                               "d = pathlib.Path(sys.argv[1])\n"
+                               "for i in range(10**6): (d / str(i)).write_text('x'); time.sleep(0.001)",
+                               str(directory)])
+    reaper = subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(directory)], stdin=subprocess.PIPE,
+                              cwd=Path(__file__).resolve().parents[2])
+    reaper.stdin.close()  # the owner is gone, having reported nothing
+    assert reaper.wait(15) == 0
+    assert writer.wait(5) == -signal.SIGKILL
+    assert not directory.exists()

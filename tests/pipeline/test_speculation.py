@@ -13,7 +13,7 @@ from pipeline.engine import Engine
 from pipeline.partition import balanced_plans
 from pipeline.sim_profiles import ClusterProfile
 from pipeline.sim_transport import SimulatedDrafter, SimulatedTransport
-from pipeline.speculation import EXPLORE_EVERY, AcceptanceModel, DraftHistory, RunCost, SpeculationConfig
+from pipeline.speculation import DRAFT, EXPLORE_EVERY, HEAD, AcceptanceModel, DraftHistory, RunCost, SpeculationConfig
 from pipeline.stage import Stage
 from tests.helpers import greedy_reference, load_engine
 
@@ -140,6 +140,18 @@ def test_a_useless_draft_is_found_out_once_per_engine_not_once_per_request(tiny_
     assert first.num_draft_tokens > 0  # the first request tries the draft in runs
     assert third.num_draft_tokens == 0  # a later one only probes it, without runs
     assert third.draft_guesses >= 48 / EXPLORE_EVERY - 2
+
+
+def test_a_sources_first_batch_of_guesses_does_not_price_it():
+    """The first batch pays one-time costs (48 ms a guess seen, 25 forwards'
+    worth): counted, it would keep speculation off for good."""
+    history = DraftHistory()
+    history.observe_compute(1, 0.048, HEAD)
+    assert history.seconds_per_guess(HEAD) == 0.0
+    history.observe_compute(2, 0.004, HEAD)
+    history.observe_compute(1, 0.001, DRAFT)
+    assert history.seconds_per_guess(HEAD) == pytest.approx(0.002)
+    assert history.seconds_per_guess(DRAFT) == 0.0  # each source warms up on its own
 
 
 class CostlyDraft(ScriptedDraft):
