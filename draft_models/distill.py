@@ -95,7 +95,10 @@ def generate_data(config: TrainConfig, model_dir: Path, feature_layers: tuple[in
                 device=torch.device(config.device)).pack_weights())
         return model
 
-    prompts = training_prompts()[:config.num_prompts]
+    prompts = training_prompts()
+    if config.num_prompts > len(prompts):
+        raise ValueError(f"--num-prompts at most {len(prompts)} (the prompt set: draft_models/training_prompts.py)")
+    prompts = prompts[:config.num_prompts]
     if config.target_prompts:
         prompts += written_prompts(config, tokenizer, target, show_progress, data_dir)
     conversations: list[Conversation] = []

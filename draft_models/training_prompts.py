@@ -1,589 +1,85 @@
-"""The prompt set `pipeinfer train-draft` has the target answer: written for
-this project (nothing from a model hub, and none of the bench's prompts).
+"""The prompts `pipeinfer train-draft` has the target answer: people's
+own requests and questions, from a package registry (nothing from a model
+hub), none of the bench's prompts.
 
 Two blocks, in this order, each shuffled with a fixed seed:
-1. topic x template questions ("What is {t}?" for 256 topics, 24 templates);
-2. free-form requests: everyday requests written out whole, then frame x
-   subject pairs ("My friend says {s} is overrated...") over subjects that
-   the topics do not have, up to REQUEST_BLOCK prompts.
-The first block alone taught a head that agrees well on questions like its
-own (sync-loop mean accepted length 2.31 on held-out ones) and less on
-other requests (1.6-1.9); the second is there for that (fine-tuned on
-both: 1.91 -> 2.15 on held-out free-form answers, but only 1.96 -> 1.99 and
-1.60 -> 1.69 on the bench's chat and everyday prompts, which nobody wrote for
-training). A tenth of each block, from its start, is held out.
+1. requests (prompts/requests.jsonl): the everyday requests written for this
+   project (recipes, emails, code, advice, stories, sums) and the free-form
+   English requests of OpenAI's `evals` 3.0.1.post1 (MIT; only files outside
+   the datasets its LICENSE lists under other terms; the file names each
+   prompt's source);
+2. questions people asked each other in conversation: the `chitchat-dataset`
+   0.9.0 package (MIT, the BYU PCC lab's Chit-Chat Challenge: 7,168
+   human-human conversations), every turn that is a question of five words
+   or more, deduplicated.
+A tenth of each block, from its start, is held out.
 
 `train-draft --target-prompts N` adds a third block that the target writes
-itself: given a list of four of the written requests, it continues the
+itself: given a list of four of the project's requests, it continues the
 list with one more, sampled, and that request is then answered like the
-others. Nobody wrote those requests, so they reach phrasings and tasks no
-list here has.
+others.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import re
+from functools import cache
+from pathlib import Path
 
 Messages = list[dict[str, str]]
 
-REQUEST_BLOCK = 2048  # prompts in the free-form block
+REQUESTS_FILE = Path(__file__).parent / "prompts" / "requests.jsonl"
+OWN_SOURCE = "pipeinfer"  # requests.jsonl's source for the project's own
+MIN_QUESTION_WORDS = 5
 
-_TOPICS = (
-    "photosynthesis", "the water cycle", "volcanoes", "the French Revolution", "compound interest", "vaccines",
-    "machine learning", "the stock market", "climate change", "the human heart", "electric cars", "gravity",
-    "the Roman Empire", "coffee", "sleep", "meditation", "solar panels", "the internet", "bees", "recycling",
-    "chess", "the moon landing", "earthquakes", "democracy", "inflation", "rainbows", "DNA", "the immune system",
-    "tides", "the printing press", "dinosaurs", "jazz music", "the Great Wall of China", "antibiotics",
-    "cloud computing", "public speaking", "time management", "baking bread", "learning a language", "budgeting",
-    "running a marathon", "houseplants", "the Pythagorean theorem", "prime numbers", "the solar system",
-    "penguins", "the Olympic Games", "vitamins", "renewable energy", "social media", "the Renaissance",
-    "electricity", "magnets", "the ocean", "deserts", "friendship", "job interviews", "writing a resume",
-    "camping", "photography", "the violin", "origami", "sushi", "tea ceremonies", "the Amazon rainforest",
-    "glaciers", "hurricanes", "batteries", "3D printing", "password security", "spreadsheets",
-    "the Python programming language", "sorting algorithms", "recursion", "databases", "version control",
-    "the Eiffel Tower", "volunteering", "the piano", "ancient Egypt", "the metric system", "lighthouses",
-    "coral reefs", "bicycles", "the Industrial Revolution", "fermentation", "wind turbines", "owls",
-    "the Silk Road", "mushrooms", "traffic lights", "the human brain", "airplanes", "composting", "knitting",
-    "the Moon", "opera", "vaccination schedules", "cryptography", "the periodic table", "rivers", "whales",
-    "board games", "the Cold War", "nutrition labels", "yoga", "submarines", "the Nile", "honey",
-    "probability", "skyscrapers", "the Mona Lisa", "first aid", "elephants", "trains", "the Arctic",
-    "credit scores", "podcasts", "libraries", "quantum computing", "the human skeleton", "pizza",
-    "the Declaration of Independence", "rock climbing", "tornadoes", "video games", "the Sahara",
-    "algebra", "smartphones", "minimalism", "castles", "octopuses", "the microscope", "pottery",
-    "mountains", "email etiquette", "cheese", "satellites", "the Vikings", "gardening", "rain",
-    "negotiation", "carbon dating", "hot air balloons", "linked lists", "unit testing", "spices",
-    "weather forecasting", "the Aztecs", "kindness", "solar eclipses", "rubber", "the Great Barrier Reef",
-    "the Panama Canal", "jellyfish",
-    "atoms", "cells", "evolution", "the speed of light", "sound waves", "the Big Bang", "comets", "ocean currents",
-    "the nitrogen cycle", "plate tectonics", "viruses", "bacteria", "the human eye", "muscles", "blood types",
-    "genetics", "microplastics", "nuclear energy", "static electricity", "friction", "the greenhouse effect",
-    "clouds", "snowflakes", "lightning", "the Mars rovers", "the International Space Station", "telescopes",
-    "fossils", "ants", "JavaScript", "HTML", "the Linux terminal", "open source software",
-    "artificial intelligence", "self-driving cars", "blockchain", "computer viruses", "data privacy", "Wi-Fi",
-    "GPS", "search engines", "robots", "virtual reality", "binary numbers", "hash tables", "APIs",
-    "regular expressions", "operating systems", "keyboard shortcuts", "cooking pasta", "doing laundry",
-    "saving money", "moving to a new city", "learning to swim", "making new friends", "writing a thank-you note",
-    "planning a road trip", "packing for a trip", "caring for a cat", "grocery shopping", "drinking enough water",
-    "stretching", "reading more books", "keeping a journal", "saying no politely", "small talk",
-    "working in a team", "Shakespeare", "Greek mythology", "the Titanic", "samurai", "the Maya civilization",
-    "the Beatles", "ballet", "comic books", "Impressionist painting", "the Statue of Liberty", "the Taj Mahal",
-    "Chinese New Year", "sign language", "maps", "museums", "taxes", "supply and demand", "small businesses",
-    "public transport", "voting", "charity", "tourism", "advertising", "online shopping", "insurance", "sunflowers",
-    "frogs", "wolves", "butterflies", "cacti", "bamboo", "sharks", "dolphins", "migrating birds",
-)
-_TEMPLATES = (
-    "What is {t}?", "Explain {t} to a ten-year-old.", "Give me three facts about {t}.",
-    "Why does {t} matter?", "Write a short paragraph about {t}.", "What are the pros and cons of {t}?",
-    "Summarize the history of {t} in a few sentences.", "How would you teach {t} to a beginner?",
-    "List five questions a student might ask about {t}.", "Write a short poem about {t}.",
-    "What is a common misconception about {t}?", "Describe {t} in one sentence, then in detail.",
-    "What should everyone know about {t}?", "Compare {t} with something from everyday life.",
-    "Tell me a fun story that involves {t}.", "What are the main ideas behind {t}?",
-    "How do I get started with {t}?", "Give me a few practical tips related to {t}.",
-    "Explain how {t} works, step by step.", "Write a limerick about {t}.",
-    "What are some surprising facts about {t}?", "Write a short dialogue between two friends talking about {t}.",
-    "What are the biggest challenges related to {t}?", "Suggest a title for a blog post about {t}, and explain it.",
-)
 
-# Everyday requests in free form: what people ask a chat assistant, each
-# written out whole (no slot), across asking, doing, writing, fixing, deciding.
-_REQUESTS = (
-    "What's a good way to start the morning if I'm always tired?",
-    "I have chicken, rice and broccoli. What can I cook tonight?",
-    "Can you explain what a mortgage is and how it works?",
-    "Write a birthday message for my grandmother who is turning ninety.",
-    "How long should I boil an egg for a soft yolk?",
-    "What's the difference between a virus and a bacterium?",
-    "My laptop is running slowly. What can I try before buying a new one?",
-    "Translate 'Where is the train station?' into Spanish and French.",
-    "Give me a simple workout I can do in a hotel room.",
-    "Write a Python function that checks whether a word is a palindrome.",
-    "What does 'opportunity cost' mean? Give an example.",
-    "How do I politely decline a wedding invitation?",
-    "Summarize the story of Romeo and Juliet in five sentences.",
-    "Why do cats purr?",
-    "What is the boiling point of water at the top of a mountain, and why is it different?",
-    "I'm nervous about my first day at a new job. Any advice?",
-    "Write a short story about a robot who learns to paint.",
-    "How many continents are there, and what are they called?",
-    "What are some cheap hobbies I can pick up this winter?",
-    "Explain the rules of tic-tac-toe.",
-    "Can you suggest a weekly meal plan for someone on a tight budget?",
-    "What is the difference between 'affect' and 'effect'?",
-    "How do vaccines train the body to fight disease?",
-    "Write a product description for a reusable water bottle.",
-    "What's the best way to learn to type faster?",
-    "My dog keeps barking at night. How can I help him calm down?",
-    "List the planets in order from the Sun.",
-    "Write a SQL query that returns the ten most recent orders from an orders table.",
-    "What causes hiccups, and how can I stop them?",
-    "Help me write a cover letter for a barista job.",
-    "What is a good name for a small bakery in a seaside town?",
-    "How do I calculate the area of a circle?",
-    "Tell me a joke about programmers.",
-    "What should I do if I lock myself out of my house?",
-    "Why do we have leap years?",
-    "Explain how a bill becomes a law in simple terms.",
-    "What are the symptoms of dehydration?",
-    "Write a thank-you note to a teacher at the end of the school year.",
-    "How does a microwave oven heat food?",
-    "What are three good questions to ask at the end of a job interview?",
-    "Rewrite this sentence to sound more professional: 'hey, can u send me the report asap?'",
-    "If a train leaves at 3 pm and travels 180 km at 60 km per hour, when does it arrive?",
-    "What is the meaning of the idiom 'break the ice'?",
-    "Suggest five books for someone who loved The Hobbit.",
-    "How do I remove a coffee stain from a white shirt?",
-    "Write a JavaScript function that reverses a string.",
-    "What's the difference between a crocodile and an alligator?",
-    "How can I be a better listener?",
-    "Describe a sunset over the ocean for a short story.",
-    "What is inflation, and why do prices go up over time?",
-    "I only have 20 minutes to study. How should I use them?",
-    "Give me a recipe for pancakes without eggs.",
-    "What are the main causes of air pollution in cities?",
-    "How do I start a conversation with someone at a party?",
-    "Write a four-line poem about the rain on a tin roof.",
-    "Explain what an API is to someone who doesn't code.",
-    "What happens to the body when we sleep?",
-    "Help me plan a three-day trip to Rome.",
-    "What is 15 percent of 240? Show the steps.",
-    "Why is the ocean salty?",
-    "Write an apology message to a friend for missing their party.",
-    "What are the pros and cons of working at a startup?",
-    "How do bees make honey?",
-    "Give me tips for keeping houseplants alive in a dark apartment.",
-    "What's the difference between a list and a tuple in Python?",
-    "Explain the plot of Cinderella as if it were a news report.",
-    "What should I look for when buying a used car?",
-    "How do I stop procrastinating on a big project?",
-    "Why do onions make us cry?",
-    "Write a short speech for a best man at a wedding.",
-    "What is the tallest mountain in the world, and how tall is it?",
-    "How can I save energy at home during the summer?",
-    "Create a packing list for a beach vacation.",
-    "What's a simple way to explain fractions to a child?",
-    "Why do stars twinkle?",
-    "Write a text message inviting my neighbors to a barbecue.",
-    "How do noise-cancelling headphones work?",
-    "What are some healthy snacks for work?",
-    "Give me a riddle and its answer.",
-    "How do I write a good topic sentence?",
-    "What is the difference between weather and a season?",
-    "How can I tell if an egg is still fresh?",
-    "Write a short bedtime story about a sleepy dragon.",
-    "What is a haiku? Give an example about the sea.",
-    "How do I fix a squeaky door?",
-    "Explain why the Moon has phases.",
-    "Give me three ideas for a science fair project.",
-    "Write a regular expression that matches an email address, and explain it.",
-    "What is the role of the liver in the body?",
-    "How can I make friends as an adult in a new city?",
-    "What is the difference between renting and buying a home?",
-    "Write a short review of a pizza restaurant, five stars.",
-    "What does a project manager do all day?",
-    "How do I teach my kid to ride a bike?",
-    "Why do we dream?",
-    "What are the main differences between cats and dogs as pets?",
-    "Write a limerick about a forgetful cat.",
-    "How do I make cold brew coffee at home?",
-    "What is a black belt in karate, and how long does it take to earn one?",
-    "Explain supply chains using a chocolate bar as an example.",
-    "Give me a morning routine for a productive day.",
-    "How do I write a for loop in C?",
-    "What should I say in a eulogy for my uncle who loved fishing?",
-    "What are the stages of grief?",
-    "How do I choose a good watermelon at the store?",
-    "Describe the taste of a lemon to someone who has never had one.",
-    "What are the benefits of learning a musical instrument as an adult?",
-    "Write a haiku about a city at night.",
-    "How do solar eclipses and lunar eclipses differ?",
-    "What is a balanced diet?",
-    "Help me name my fantasy novel about a lost kingdom under the sea.",
-    "What's the fastest way to cool down a hot room without air conditioning?",
-    "Explain how interest on a credit card works.",
-    "Give me five words that rhyme with 'light'.",
-    "What are some fun things to do on a rainy day with kids?",
-    "How do I write a function in Python that returns the largest number in a list?",
-    "What is the difference between an ocean and a sea?",
-    "Why do some people get motion sickness?",
-    "Write a short poem for a retirement card.",
-    "What is the Fibonacci sequence?",
-    "How do I prepare for a marathon in six months?",
-    "How should I respond to a rude customer?",
-    "Explain the water footprint of a cup of coffee.",
-    "What are the main parts of a flower?",
-    "Give me a pep talk, I failed my driving test today.",
-    "How do I convert Celsius to Fahrenheit?",
-    "What is the difference between a hurricane and a typhoon?",
-    "Write a short mystery story in exactly five sentences.",
-    "How do I back up the photos on my phone?",
-    "What should I know before adopting a rabbit?",
-    "Why is exercise good for mental health?",
-    "What is a sonnet, and who wrote famous ones?",
-    "Write an out-of-office email reply for a two-week holiday.",
-    "How can I reduce food waste at home?",
-    "Explain object-oriented programming with a simple example.",
-    "What are the health benefits of walking every day?",
-    "How do plants know which way is up?",
-    "Write a dialogue between a customer and a waiter at a restaurant.",
-    "What is the best way to clean a cast iron pan?",
-    "Why do we yawn?",
-    "Plan a simple picnic menu for six people.",
-    "How do I ask for a raise?",
-    "What's the difference between baking soda and baking powder?",
-    "Explain what a neural network is in two paragraphs.",
-    "How do glasses correct vision?",
-    "Give me ten ideas for a first date.",
-    "What is a calorie?",
-    "Write a motivational quote and explain what it means.",
-    "How do I sort a list of dictionaries by a key in Python?",
-    "What makes a good leader?",
-    "How did people tell time before clocks?",
-    "What should I do if I see a bear while hiking?",
-    "Write an introduction for a podcast about history.",
-    "How do earthquakes cause tsunamis?",
-    "Why does bread go stale?",
-    "Give me a list of questions to get to know someone better.",
-    "Explain the difference between HTTP and HTTPS.",
-    "What is a good stretching routine after running?",
-    "How can I improve my handwriting?",
-    "Write a short fable with a moral about patience.",
-    "Why do birds fly south for the winter?",
-    "How do I make a budget spreadsheet?",
-    "What are the main features of Gothic architecture?",
-    "Describe your ideal weekend in a short paragraph.",
-    "What is the difference between a simile and a metaphor?",
-    "How do I care for a sourdough starter?",
-    "What is the speed of sound, and does it change?",
-    "Write a short scene where two old friends meet after twenty years.",
-    "How do I keep my phone battery healthy?",
-    "What are some tips for taking better photos with a phone?",
-    "Explain what a recession is.",
-    "What is the Great Red Spot on Jupiter?",
-    "How can I fall asleep faster?",
-    "Write a tweet announcing the opening of a new library.",
-    "What's the difference between an introvert and an extrovert?",
-    "How does a bicycle gear system work?",
-    "Give me a fun fact about octopuses and one about owls.",
-    "How do I write a haiku?",
-    "What are some ways to be more environmentally friendly at work?",
-    "Explain why ice floats on water.",
-    "What should I include in a personal budget?",
-    "Write a recipe for a simple tomato soup.",
-    "How do I handle a disagreement with a coworker?",
-    "Why do some animals hibernate?",
-    "What is the difference between a career and a job?",
-    "Write a short note to my roommate about doing the dishes.",
-    "How do I learn to juggle?",
-    "What is the history of the sandwich?",
-    "Explain the greenhouse effect using a car parked in the sun.",
-    "How do I improve my credit score?",
-    "Give me a list of ten classic movies everyone should see.",
-    "What is a good way to memorize a speech?",
-    "Why do we need sleep?",
-    "Write a poem about a lighthouse keeper.",
-    "How do I write a unit test in Python with pytest?",
-    "What's the difference between a crown and a filling at the dentist?",
-    "How do I grow basil on a windowsill?",
-    "What are some polite ways to end a phone call?",
-    "Explain how a compass works.",
-    "What were the main causes of World War I?",
-    "Suggest a theme for an office holiday party.",
-    "How do I calculate my average speed on a trip?",
-    "Why do cats land on their feet?",
-    "Write a short advertisement for a dog-walking service.",
-    "How can I be more confident when speaking in meetings?",
-    "What is the difference between a democracy and a republic?",
-    "Describe the smell of fresh bread.",
-    "How does a 3D printer build objects?",
-    "What are five things to do before a long flight?",
-    "Write a children's rhyme about brushing your teeth.",
-    "Why do we have different time zones?",
-    "What is the best way to learn math as an adult?",
-    "How do I make my resume stand out?",
-    "Explain what DNS does when I type a website address.",
-    "How do I deal with stress before exams?",
-    "Write a short horror story that takes place in a library.",
-    "What's a good stretching routine for people who sit all day?",
-    "Give me a simple explanation of the theory of relativity.",
-    "How do I clean my laptop keyboard safely?",
-    "What are some good habits for a healthy heart?",
-    "Write a letter to my future self.",
-    "How should I water a cactus?",
-    "What is the difference between a comet and an asteroid?",
-    "How do I start journaling?",
-    "Explain recursion with an example in Python.",
-    "What should I cook for a friend who is vegan?",
-    "Why does the Earth have seasons?",
-    "Write a short speech to welcome new students to a school.",
-    "How do elections work in a parliamentary system?",
-    "Give me ideas for a small garden on a balcony.",
-    "What does a data scientist do?",
-    "How do I write a polite complaint to my landlord?",
-    "Explain why the sea looks different colors in different places.",
-    "What are the rules of chess for a complete beginner?",
-    "Write a song chorus about summer road trips.",
-    "How can I tell if a website is safe?",
-    "What is a healthy amount of screen time for kids?",
-    "How do I make a paper airplane that flies far?",
-    "Explain compound interest with a simple example.",
-    "What are the most common mistakes new drivers make?",
-    "Write a short poem about a train leaving a station.",
-    "How can I stay focused while studying at home?",
-    "What causes thunder?",
-    "Help me choose between learning guitar and learning piano.",
-    "What are the main food groups?",
-    "How do I merge two dictionaries in Python?",
-    "Write a welcome message for new members of a book club.",
-    "Why do people snore?",
-    "What is a good gift for a coworker who is leaving?",
-    "Explain how a savings account earns money.",
-    "What happened during the first moon landing?",
-    "Give me a checklist for moving to a new apartment.",
-    "How do I write a strong conclusion for an essay?",
-    "What's the difference between jam and jelly?",
-    "Why are flamingos pink?",
-    "Write a short conversation between a cat and a dog about breakfast.",
-    "How do I stay safe when running at night?",
-    "What is the purpose of the United Nations?",
-    "How can I cook rice so it isn't sticky?",
-    "Explain what a spreadsheet formula is, with an example.",
-    "What are some good ways to relax after work?",
-    "Write an encouraging note for a friend starting chemotherapy.",
-    "How do submarines dive and surface?",
-    "What is the difference between fiction and nonfiction?",
-    "How do I count calories without an app?",
-    "Give me three arguments for and against school uniforms.",
-    "Why does metal feel colder than wood at the same temperature?",
-    "Write a short story that starts with 'The door was already open.'",
-    "How do I introduce myself in a job interview?",
-    "What are the warning signs of a heart attack?",
-    "How do I make homemade pizza dough?",
-    "Explain what the stock market is to a teenager.",
-    "What is the best way to learn a new programming language?",
-    "Write a poem about the first snow of the year.",
-    "How do I prepare my car for winter?",
-    "Why do we get goosebumps?",
-    "What's a polite way to ask someone to repeat themselves?",
-    "Describe a busy market in the morning.",
-    "How does recycling plastic actually work?",
-    "Give me a short history of the telephone.",
-    "What should I do if my computer gets a virus?",
-    "Write a list of rules for a family game night.",
-    "How can I drink more water during the day?",
-    "Explain how bread rises.",
-    "What are some tips for writing a good short story?",
-    "How do I find a good doctor in a new town?",
-    "Why do some people prefer tea over coffee?",
-    "Write a short letter from a child to Santa Claus.",
-    "How do I calculate a tip at a restaurant?",
-    "What is the largest animal that has ever lived?",
-    "Give me advice for my first time traveling alone.",
-    "How does the heart pump blood through the body?",
-    "Write a product review for noise-cancelling headphones.",
-    "What are the pros and cons of electric scooters?",
-    "How can I make my presentation slides better?",
-    "Explain what a variable is in programming.",
-    "Why do volcanoes erupt?",
-    "Write a tongue twister about a busy bee.",
-    "What are the basic steps of CPR?",
-    "How do I keep bananas from turning brown so quickly?",
-    "What does a healthy work-life balance look like?",
-    "Help me write a toast for my parents' anniversary.",
-    "Why do we celebrate New Year's Day on January first?",
-    "How do I fold a fitted sheet?",
-    "What are the main ideas of Stoic philosophy?",
-    "Write a short diary entry from an astronaut on the space station.",
-    "How do I read a nutrition label?",
-    "What's the difference between a wolf and a coyote?",
-    "How do I write a function that counts the vowels in a string?",
-    "Give me a plan to read one book a month.",
-    "Why do ships float even though they are made of steel?",
-    "Write a short welcome speech for a community garden opening.",
-    "How do I stop my glasses from fogging up?",
-    "What is the water cycle, in three sentences?",
-    "How do I say no to extra work without upsetting my boss?",
-    "Explain how a refrigerator and an air conditioner are similar.",
-    "What are good questions to ask a landlord before renting?",
-    "Write a poem about an old oak tree.",
-    "How do hearing aids work?",
-    "What is the difference between a lake and a pond?",
-    "Give me some conversation starters for a dinner party.",
-    "How do I check if a number is prime in Python?",
-    "Why are some people left-handed?",
-    "Write an invitation for a child's pirate-themed birthday party.",
-    "What should I eat before a long run?",
-    "Explain what a carbon footprint is.",
-    "How do I write a haiku about friendship?",
-    "What are the signs that a plant needs more light?",
-    "Describe the sound of a thunderstorm.",
-    "How do I set goals I will actually keep?",
-    "What is the role of a referee in soccer?",
-    "Write a short story about a lost umbrella.",
-    "How do I make iced tea?",
-    "What is the difference between a CPU and a GPU?",
-    "Why do we blink?",
-    "Give me a beginner's guide to bird watching.",
-    "How do I write an email to a professor asking for an extension?",
-    "What are the most important inventions of the last hundred years?",
-    "How can I make my mornings less rushed?",
-    "Write a poem about a cup of hot chocolate.",
-    "How does a seed grow into a plant?",
-    "What should I do if I feel lonely?",
-    "Explain the difference between RAM and storage.",
-    "Why do we have fingerprints?",
-    "How do I teach a dog to sit?",
-    "What is the story behind the Trojan Horse?",
-    "Write a short note thanking a nurse for their care.",
-    "How can I spend less money on groceries?",
-    "Explain how a rainbow forms.",
-    "What are some good stretches for lower back pain?",
-    "How do I write clean code?",
-    "Give me a fun fact about space every day for a week.",
-    "Why does popcorn pop?",
-    "Write a scene where a detective finds an important clue.",
-    "How do I choose a good pair of running shoes?",
-    "What is the difference between a president and a prime minister?",
-    "How do I keep a conversation going over text?",
-    "What are three ways to reduce stress at work?",
-    "Write a short welcome message for a company newsletter.",
-    "How does a camera capture a photo?",
-    "What are the main rules of basketball?",
-    "Why do apples turn brown after you cut them?",
-    "Help me write a short bio for my social media profile.",
-    "How do I make a simple salad dressing?",
-    "Explain what a blockchain is without using jargon.",
-    "What are some ways to help the elderly in my community?",
-    "Write a poem about a quiet morning in the countryside.",
-    "How do I stop overthinking?",
-    "What's the difference between speed and velocity?",
-    "How long does it take light from the Sun to reach Earth?",
-    "Give me ideas for a weekend project with my teenager.",
-    "How do I find the median of a list of numbers?",
-    "Why do we need to drink water?",
-    "Write a short letter to a pen pal in another country.",
-    "What are some easy ways to be kind to strangers?",
-    "How do I tell if a cake is done baking?",
-    "Explain the basics of how the internet works.",
-    "What should a first aid kit contain?",
-    "How can I get better at chess?",
-    "Write a motivational message for a team before a big game.",
-    "Why is Pluto no longer called a planet?",
-    "How do I write a persuasive essay?",
-    "What are the differences between frogs and toads?",
-    "How do I keep my cat entertained indoors?",
-    "Write a short story about a girl who finds a map in her attic.",
-    "How does the immune system remember germs?",
-    "What are some good habits for saving money?",
-    "How do I iron a shirt properly?",
-    "Explain what a function is in mathematics.",
-    "Why do some people sneeze when they look at the sun?",
-    "Give me a list of things to do in a new city on a budget.",
-    "Write a short poem about a firefly.",
-    "How do I make a good first impression?",
-    "What is the difference between a violin and a viola?",
-    "How do I handle feedback I disagree with?",
-)
+@cache
+def _requests() -> tuple[tuple[str, str], ...]:
+    """(prompt, source) of requests.jsonl, in the file's order."""
+    rows = [json.loads(line) for line in REQUESTS_FILE.read_text().splitlines() if line.strip()]
+    return tuple((row["prompt"], row["source"]) for row in rows)
 
-# Situations and requests with a slot: "{s}" is one of _SUBJECTS (disjoint
-# from _TOPICS), so that their answers are about things the templates never asked.
-_FRAMES = (
-    "My friend says {s} is overrated. What do you think?",
-    "I have to give a two-minute talk about {s} tomorrow. Can you help me outline it?",
-    "Write a tweet about {s}.",
-    "I know nothing about {s}. Where should I begin?",
-    "Can you write a short blog introduction about {s}?",
-    "What would a day in the life of someone who works with {s} look like?",
-    "Explain {s} in three bullet points.",
-    "Write a short story in which {s} plays an important role.",
-    "What are some myths people believe about {s}?",
-    "I'm writing a school report on {s}. What should I include?",
-    "How has {s} changed over the last fifty years?",
-    "Write an acrostic poem about {s}.",
-    "What's one thing most people get wrong about {s}?",
-    "Pretend you are a tour guide and tell me about {s}.",
-    "How would you explain {s} to my grandmother?",
-    "Give me a quiz with three questions about {s}, with answers.",
-    "What is the connection between {s} and everyday life?",
-    "Write a short advertisement that mentions {s}.",
-    "Can you summarize what experts say about {s}?",
-    "I'm curious: how does {s} actually work?",
-    "What jobs are related to {s}?",
-    "Write a haiku about {s}.",
-    "Tell me something interesting about {s} that I probably don't know.",
-    "Why are people so fascinated by {s}?",
-    "What is the future of {s}?",
-    "Make a short to-do list for someone who wants to learn about {s} this week.",
-    "Write a dialogue between a teacher and a student about {s}.",
-    "What's the most important thing to remember about {s}?",
-    "In two sentences, what is {s}?",
-    "Please write a friendly email to a colleague explaining {s}.",
-    "Is {s} good or bad for the environment? Explain briefly.",
-    "Describe {s} using only simple words.",
-    "What are some good books or resources about {s}?",
-    "Write a news headline and a short article about {s}.",
-    "How would a scientist describe {s}?",
-    "Create a short lesson plan for teaching kids about {s}.",
-    "What questions should I ask an expert on {s}?",
-    "Tell me a short, funny anecdote involving {s}.",
-    "How is {s} different in different countries?",
-    "Write a motivational paragraph inspired by {s}.",
-)
 
-_SUBJECTS = (
-    "the Northern Lights", "the Roman aqueducts", "honeybee colonies",
-    "electric guitars", "marathon training", "the Eiffel Tower's construction", "penicillin", "coral bleaching",
-    "the Hubble telescope", "origami cranes", "the Panama hat", "street food in Bangkok",
-    "the Dead Sea", "hydroelectric dams", "the Wright brothers", "vinyl records", "the Mediterranean diet",
-    "sourdough bread", "public libraries", "the Great Depression", "sea turtles", "wildfire prevention",
-    "the human voice", "sleep cycles", "urban gardening", "the Louvre", "electric bikes", "gold mining",
-    "the Berlin Wall", "hummingbirds", "cheese making", "the Sahara's oases", "sign language interpreters",
-    "the stock exchange", "ice hockey", "the Appalachian Trail", "mobile banking", "the Hundred Years' War",
-    "the platypus", "wind chimes", "the Rosetta Stone", "lunar craters", "radio broadcasting",
-    "the Inca roads", "maple syrup", "ant colonies", "the Mars colonization debate", "handwriting",
-    "the tuba", "paper money", "chocolate", "the Brooklyn Bridge", "bonsai trees", "the Arctic fox",
-    "crossword puzzles", "hot springs", "the Ottoman Empire", "nuclear fusion", "the Venus flytrap",
-    "fire trucks", "the Kilimanjaro climb", "the Wimbledon tournament", "car engines", "ocean tides",
-    "the pyramids of Giza", "mindfulness apps", "typewriters", "the Galapagos Islands", "ceramic glazes",
-    "crop rotation", "the Trans-Siberian Railway", "ballroom dancing", "skateboarding", "the koala",
-    "the first computers", "wool", "the Ring of Fire", "electric kettles", "the Sistine Chapel",
-    "city parks", "quantum entanglement", "the Hanseatic League", "kites", "the bald eagle",
-    "refugee camps", "the Andes", "rainwater harvesting", "the harmonica", "carpooling", "salt",
-    "the Colosseum", "fireflies", "the Gutenberg Bible", "birdsong", "public libraries in small towns",
-    "fast fashion", "cave paintings", "the cello", "smart homes", "the Tour de France", "glass blowing",
-    "thunderstorms", "the Mongol Empire", "avocados", "seaweed farming", "the Mayflower", "language apps",
-    "killer whales", "the Marianas Trench", "street art", "the Suez Canal", "mosquitoes", "the abacus",
-    "tap water", "lavender", "the Nobel Prize", "electric grids", "caterpillars", "daylight saving time",
-    "the Hindenburg", "rock music", "the Parthenon", "snow leopards", "the assembly line", "puzzles",
-    "olive oil", "the Grand Canyon", "sunscreen", "sleepwalking", "wind surfing", "the Magna Carta",
-    "the clarinet", "traffic jams", "bird migration routes", "ice cream", "pandas", "the Loch Ness legend",
-    "candle making", "the compass", "the metro in Tokyo", "shipping containers", "plankton",
-    "the Apollo program", "emojis", "the Alps", "the water clock", "cotton", "the sloth",
-    "stand-up comedy", "tree rings", "vertical farming", "the Spanish flu", "the saxophone",
-    "memory palaces", "beekeeping", "the Atacama Desert", "desalination", "the Iditarod race",
-    "woodworking", "the axolotl", "the Dust Bowl", "braille", "wildlife photography", "the banjo",
-    "tsunamis", "chess openings", "the Bering Strait", "coffee roasting", "the Wright Flyer",
-    "spider silk", "the Colorado River", "home composting bins", "the stethoscope", "wind tunnels",
-    "the Venice canals", "marine biology", "the Black Death", "lunar calendars", "bubble tea",
-    "the gig economy", "glowworms", "the Antikythera mechanism", "mangrove forests", "noise pollution",
-    "the harp", "cross-country skiing", "the Hoover Dam", "oat milk", "the Terracotta Army",
-    "hedgehogs", "the light bulb", "jigsaw puzzles", "the Caspian Sea", "podcasting", "moss",
-)
+@cache
+def _questions() -> tuple[str, ...]:
+    """chitchat-dataset's questions: a turn (its messages joined) ending in
+    "?", of MIN_QUESTION_WORDS words or more, mostly ASCII; first occurrence
+    of each, compared without case, spacing or punctuation."""
+    from chitchat_dataset import Dataset
+
+    data = Dataset()
+    seen, questions = set(), []
+    for conversation in (data[key] for key in sorted(data)):
+        for turn in conversation["messages"]:
+            text = " ".join(message["text"].strip() for message in turn).strip()
+            if not text.endswith("?") or len(text.split()) < MIN_QUESTION_WORDS:
+                continue
+            if sum(c.isascii() for c in text) < 0.95 * len(text):
+                continue
+            key = re.sub(r"[\W_]+", " ", text.lower()).strip()
+            if key not in seen:
+                seen.add(key)
+                questions.append(text)
+    return tuple(questions)
+
+
+def _blocks() -> tuple[list[str], list[str]]:
+    requests = [text for text, _ in _requests()]
+    random.Random(1234).shuffle(requests)
+    questions = list(_questions())
+    random.Random(4321).shuffle(questions)
+    return requests, questions
 
 
 def training_prompts() -> list[Messages]:
     """The whole set, in its fixed order (see the module's docstring)."""
-    questions = [template.format(t=topic) for topic in _TOPICS for template in _TEMPLATES]
-    random.Random(1234).shuffle(questions)
-    pairs = [frame.format(s=subject) for frame in _FRAMES for subject in _SUBJECTS]
-    rng = random.Random(4321)
-    requests = list(_REQUESTS) + rng.sample(pairs, REQUEST_BLOCK - len(_REQUESTS))
-    rng.shuffle(requests)
-    return [[{"role": "user", "content": text}] for text in questions + requests]
+    return [[{"role": "user", "content": text}] for block in _blocks() for text in block]
 
 
-BLOCKS = (len(_TOPICS) * len(_TEMPLATES), REQUEST_BLOCK)  # the blocks' sizes, in order
-SET_SIZE = sum(BLOCKS)
+def block_sizes() -> tuple[int, ...]:
+    return tuple(len(block) for block in _blocks())
 
 
 def held_out(count: int, written: int = 0) -> list[int]:
@@ -591,7 +87,7 @@ def held_out(count: int, written: int = 0) -> list[int]:
     by `written` target-written ones: the first tenth of each block there
     (at least one)."""
     held, start = [], 0
-    for size in BLOCKS:
+    for size in block_sizes():
         present = min(size, count - start)
         if present <= 0:
             break
@@ -603,8 +99,9 @@ def held_out(count: int, written: int = 0) -> list[int]:
 
 
 # How the target is asked to write a request of its own (--target-prompts):
-# a list it continues, begun with a few of _REQUESTS (a small model imitates
-# examples far better than it follows an instruction to write a request).
+# a list it continues, begun with a few of the project's requests (a small
+# model imitates examples far better than it follows an instruction to write
+# a request).
 WRITING_HEADER = "Messages people sent to an AI assistant:\n"
 WRITING_EXAMPLES = 4
 
@@ -613,9 +110,10 @@ def writing_asks(count: int) -> list[tuple[str, str]]:
     """The first `count` asks for target-written requests: (raw text, ending
     where the next request goes; the first example, a request to use if
     the target writes none), each with its own examples."""
+    own = [text for text, source in _requests() if source == OWN_SOURCE]
     asks = []
     for i in range(count):
-        examples = random.Random(5678 + i).sample(_REQUESTS, WRITING_EXAMPLES)
+        examples = random.Random(5678 + i).sample(own, WRITING_EXAMPLES)
         listed = "".join(f"{n}. {example}\n" for n, example in enumerate(examples, 1))
         asks.append((f"{WRITING_HEADER}{listed}{WRITING_EXAMPLES + 1}.", examples[0]))
     return asks

@@ -242,23 +242,31 @@ def test_training_answers_run_past_end_of_text(tiny_text_model, tmp_path):
     assert len(training_prompts()) >= 2000
 
 
-def test_training_prompts_are_two_blocks_without_a_bench_prompt():
-    """The templates' block first (the shipped head's first run trained on it
-    alone), then the free-form block; a tenth of each held out; none of the
-    bench's prompts, so the bench measures prompts the head never saw."""
-    from draft_models.train_config import TrainConfig
-    from draft_models.training_prompts import REQUEST_BLOCK, held_out, training_prompts
+def test_training_prompts_are_peoples_own_in_two_blocks_without_a_bench_prompt(tiny_text_model):
+    """The requests first (the project's and evals' MIT ones, each naming its
+    source), then the questions of chitchat-dataset (MIT); a tenth of each
+    held out; none of the bench's prompts, so the bench measures prompts the
+    head never saw."""
+    import json
+
+    import draft_models.distill as distill
+    from draft_models.training_prompts import REQUESTS_FILE, block_sizes, held_out, training_prompts
     from loadtests.bench_config import PROMPT_SETS, load_prompts
 
     texts = [m[0]["content"] for m in training_prompts()]
-    assert len(texts) == 6144 + REQUEST_BLOCK and len(set(texts)) == len(texts)
-    assert texts[0] == "Write a short paragraph about the Cold War."  # the templates' fixed order
-    bench = {content for name in PROMPT_SETS for prompt in load_prompts(name) for _, content in prompt}
-    assert bench and not bench & set(texts)
-    assert held_out(len(texts)) == list(range(614)) + list(range(6144, 6144 + REQUEST_BLOCK // 10))
-    assert held_out(16) == [0] and held_out(6145) == list(range(614)) + [6144]
-    with pytest.raises(ValueError, match="--num-prompts at most"):
-        TrainConfig(num_prompts=len(texts) + 1).check()
+    requests, questions = block_sizes()
+    assert (requests, questions) == (759, 23255) and len(texts) == requests + questions
+    assert len({t.lower() for t in texts}) == len(texts)
+    assert texts[0] == "What should I cook for a friend who is vegan?"  # the fixed order
+    assert all(t.endswith("?") and len(t.split()) >= 5 for t in texts[requests:])
+    sources = {json.loads(line)["source"].split("/")[0] for line in REQUESTS_FILE.read_text().splitlines()}
+    assert sources == {"pipeinfer", "evals"}
+    bench = {content.lower() for name in PROMPT_SETS for prompt in load_prompts(name) for _, content in prompt}
+    assert bench and not bench & {t.lower() for t in texts}
+    assert held_out(len(texts)) == list(range(75)) + list(range(759, 759 + 2325))
+    assert held_out(16) == [0] and held_out(760) == list(range(75)) + [759]
+    with pytest.raises(ValueError, match="--num-prompts at most 24014"):
+        distill.generate_data(distill.TrainConfig(num_prompts=len(texts) + 1), tiny_text_model, (1,), False)
 
 
 def test_target_written_prompts_come_after_the_set_and_resume(tiny_text_model, tmp_path):
