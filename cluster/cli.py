@@ -22,7 +22,7 @@ from draft_models import DRAFT_HELP, DraftSpecError
 from draft_models.train_config import TrainConfig
 from loadtests.bench_config import BASELINE_KINDS, PROMPT_SETS, BenchConfig, load_prompts
 from loadtests.shapes import SHAPES
-from pipeline.config import TRANSPORTS, EngineConfig
+from pipeline.config import DEFAULT_DRAFT, TRANSPORTS, EngineConfig, choose_defaults
 from pipeline.sim_profiles import PROFILES
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import GenerationError, Mode
@@ -201,11 +201,14 @@ def _add_engine_args(parser: argparse.ArgumentParser, with_mode: bool = True) ->
     engine, spec = EngineConfig(), SpeculationConfig()  # the defaults live there
     parser.add_argument("--model", default=engine.model,
                         help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face directory, or a .gguf file")
-    parser.add_argument("--draft", default=engine.draft, help=f"the draft. {DRAFT_HELP}")
-    parser.add_argument("--stages", type=int, default=engine.num_stages, help="pipeline stages the layers are split over")
+    # None: the user left it out; choose_defaults fills it in with what measured best (and says why).
+    parser.add_argument("--draft", default=None, help=f"the draft (default {DEFAULT_DRAFT}). {DRAFT_HELP}")
+    parser.add_argument("--stages", type=int, default=None,
+                        help="pipeline stages the layers are split over (default 1)")
     if with_mode:
-        parser.add_argument("--mode", choices=[m.value for m in Mode], default=spec.mode.value,
-                            help="ar: one token per run; sync: draft k then verify; pipeinfer: continuous speculation")
+        parser.add_argument("--mode", choices=[m.value for m in Mode], default=None,
+                            help="ar: one token per run; sync: draft k then verify; pipeinfer: continuous speculation "
+                                 "(default: sync on one stage, pipeinfer on several, ar without a draft)")
     parser.add_argument("--transport", choices=list(TRANSPORTS), default=engine.transport,
                         help="local: stages as threads in this process; ray: one Ray actor per stage; "
                              "mpi: one MPI rank per stage (launch with mpirun -n STAGES+1)")
@@ -236,13 +239,15 @@ def _add_engine_args(parser: argparse.ArgumentParser, with_mode: bool = True) ->
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    speculation = SpeculationConfig(mode=Mode(getattr(args, "mode", SpeculationConfig().mode)), draft_len=args.draft_len,
-                                    max_runs_in_flight=args.max_in_flight, min_accept_prob=args.min_accept_prob,
-                                    prefill_chunk=args.prefill_chunk)
-    return EngineConfig(model=args.model, draft=args.draft, num_stages=args.stages, dtype=args.dtype, device=args.device,
+    mode = getattr(args, "mode", None)
+    draft, num_stages, mode, defaulted = choose_defaults(args.draft, args.stages, mode and Mode(mode))
+    speculation = SpeculationConfig(mode=mode, draft_len=args.draft_len, max_runs_in_flight=args.max_in_flight,
+                                    min_accept_prob=args.min_accept_prob, prefill_chunk=args.prefill_chunk)
+    return EngineConfig(model=args.model, draft=draft, num_stages=num_stages, dtype=args.dtype, device=args.device,
                         quantize=args.quantize, transport=args.transport, ray_address=args.ray_address,
                         kv_budget_bytes=args.kv_budget_bytes, stage_cpus=args.stage_cpus,
-                        draft_cpus=args.draft_cpus, speculation=speculation, simulate=getattr(args, "simulate", None))
+                        draft_cpus=args.draft_cpus, speculation=speculation, simulate=getattr(args, "simulate", None),
+                        defaulted=defaulted)
 
 
 def _serve_mpi_stage(args: argparse.Namespace) -> bool:
@@ -261,11 +266,11 @@ def _serve_mpi_stage(args: argparse.Namespace) -> bool:
     config = _engine_config(args)
     rank, _ = mpi_rank_and_size()
     if rank == 0:
-        check_rank_count(args.stages, config.draft_has_worker)  # before loading anything; the error aborts every rank
+        check_rank_count(config.num_stages, config.draft_has_worker)  # before loading anything; the error aborts every rank
         return False
     model_dir = resolve_model(config.model, show_progress=False)
     plans = config.plans(model_dir)  # the split rank 0's engine makes
-    if rank == args.stages + 1:
+    if rank == config.num_stages + 1:
         run_draft_worker(config.draft, str(model_dir), config.dtype, config.draft_cpus,
                          [int(plan.num_cpus) for plan in plans])
         return True
@@ -296,10 +301,11 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory for the head, its data, checkpoint and "
                         "plot (a rerun resumes there)")
     parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts,
-                        help="prompts the target answers: the first N of the project's chat prompt set "
-                        "(draft_models/training_prompts.py); a tenth of each of its two blocks held out")
+                        help="prompts the target answers: the first N of the prompt set "
+                        "(draft_models/training_prompts.py: 759 requests, then 23,255 questions people asked, "
+                        "from chitchat-dataset); a tenth of each of its two blocks held out")
     parser.add_argument("--target-prompts", type=int, default=defaults.target_prompts,
-                        help="more prompts, written by the target itself (it continues a list of the set's written "
+                        help="more prompts, written by the target itself (it continues a list of the project's "
                         "requests with one more), answered after the first --num-prompts; a tenth held out")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens per answer")
     parser.add_argument("--sampled-share", type=float, default=defaults.sampled_share,

@@ -38,7 +38,7 @@ def plan_layout(spec: ClusterSpec, show_progress: bool = False) -> list[StageLay
     costs = model_costs(model_dir)
     stages = spec.stage_list()
     extra = {}
-    draft_params = _draft_params(spec.draft, costs, model_dir)
+    draft_params = _draft_params(spec.chosen()[0], costs, model_dir)
     if spec.draft_stage is not None:
         extra[spec.draft_stage] = draft_params
     if stages[0].layers is not None:

@@ -64,9 +64,9 @@ def serve(config: EngineConfig, *, host: str, port: int, settings: ServerSetting
 
     def load() -> Engine:
         engine = Engine.load(config, show_progress=True)
+        running = engine.configuration()
         log.info("ready: serving %r on http://%s:%d/v1 (%d stage(s), draft %s, mode %s)%s", name, host, port,
-                 config.num_stages, config.draft, config.speculation.mode.value,
-                 " with API keys" if settings.api_keys else "")
+                 running["stages"], running["draft"], running["mode"], " with API keys" if settings.api_keys else "")
         return engine
 
     app = create_app(EngineHost(load), settings)

@@ -24,7 +24,7 @@ from pydantic import (
 
 from compute.options import DEVICE_HELP, DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, check_device_name
 from draft_models import DRAFT_HELP, parse_draft
-from pipeline.config import EngineConfig
+from pipeline.config import DEFAULT_DRAFT, Defaulted, EngineConfig, choose_defaults
 from pipeline.speculation import SpeculationConfig
 from pipeline.types import Mode
 from server.settings import DEFAULT_HOST, DEFAULT_PORT, ServerSettings
@@ -46,7 +46,8 @@ DType = Literal[DTYPE_NAMES]
 
 
 class SpeculationSpec(_Strict):
-    mode: Mode = Field(_SPECULATION.mode, description="ar, sync or pipeinfer.")
+    mode: Mode | None = Field(None, description=(
+        "ar, sync or pipeinfer; absent: sync on one stage, pipeinfer on several, ar without a draft."))
     draft_len: int = Field(_SPECULATION.draft_len, ge=1, description="Most draft tokens per run.")
     max_runs_in_flight: int | None = Field(_SPECULATION.max_runs_in_flight, ge=1, description=(
         "Most runs in flight per request (pipeinfer); absent: one per stage plus one."))
@@ -57,8 +58,8 @@ class SpeculationSpec(_Strict):
         "A longer prompt goes through the stages in chunks of this many tokens, sharing each forward with the "
         "other requests (smaller: less wait for them, a slower long prompt)."))
 
-    def to_config(self) -> SpeculationConfig:
-        return SpeculationConfig(**self.model_dump())
+    def to_config(self, mode: Mode) -> SpeculationConfig:
+        return SpeculationConfig(**{**self.model_dump(), "mode": mode})
 
 
 class StageSpec(_Strict):
@@ -113,13 +114,14 @@ class GatewaySpec(_Strict):
 class ClusterSpec(_Strict):
     name: str = Field(DEFAULT_NAME, pattern=r"^[A-Za-z0-9_.-]+$", description="Names this deployment (for down/status).")
     model: str = Field(_ENGINE.model, description="'default', a Hugging Face directory, or a .gguf file.")
-    draft: str = Field(_ENGINE.draft, description=f"The draft. {DRAFT_HELP}.")
+    draft: str | None = Field(None, description=f"The draft; absent: {DEFAULT_DRAFT}. {DRAFT_HELP}.")
     dtype: DType = Field(_ENGINE.dtype, description="Default compute dtype (bfloat16 or float16 on a GPU).")
     device: str = Field(_ENGINE.device, description=f"Default device of the stages: {DEVICE_HELP}.")
     quantize: Literal[QUANTIZE_CHOICES] = Field(_ENGINE.quantize, description=(
         f"How every stage holds the weights: {QUANTIZE_HELP.removeprefix('weights as the stages hold them: ')}."))
     speculation: SpeculationSpec = Field(default_factory=SpeculationSpec)
-    stages: int | list[StageSpec] = Field(_ENGINE.num_stages, description="A count (split automatically) or one entry per stage.")
+    stages: int | list[StageSpec] | None = Field(None, description=(
+        "A count (split automatically) or one entry per stage; absent: 1."))
     stage_memory_gb: float | None = Field(None, gt=0, description="With a stage count: memory each stage may use.")
     draft_stage: int | None = Field(_ENGINE.draft_stage, ge=0, description=(
         "The stage whose node also runs the draft: it takes fewer layers, and the draft's actor goes beside it "
@@ -147,7 +149,8 @@ class ClusterSpec(_Strict):
     @field_validator("draft")
     @classmethod
     def _draft_syntax(cls, value):
-        parse_draft(value)  # a DraftSpecError is a ValueError: reported with the field and line
+        if value is not None:
+            parse_draft(value)  # a DraftSpecError is a ValueError: reported with the field and line
         return value
 
     @field_validator("device")
@@ -166,9 +169,15 @@ class ClusterSpec(_Strict):
         return self
 
     def stage_list(self) -> list[StageSpec]:
-        if isinstance(self.stages, int):
-            return [StageSpec(memory_gb=self.stage_memory_gb) for _ in range(self.stages)]
+        if not isinstance(self.stages, list):
+            return [StageSpec(memory_gb=self.stage_memory_gb) for _ in range(self.chosen()[1])]
         return list(self.stages)
+
+    def chosen(self) -> tuple[str, int, Mode, tuple[Defaulted, ...]]:
+        """The draft, stage count and mode: the spec's, or where it has none,
+        the defaults' (pipeline/config.py: choose_defaults), with what they chose."""
+        count = len(self.stages) if isinstance(self.stages, list) else self.stages
+        return choose_defaults(self.draft, count, self.speculation.mode)
 
 
 def load_spec(path: str | Path) -> ClusterSpec:

@@ -50,20 +50,22 @@ def read_deployment(name: str) -> Deployment:
 
 def engine_config(spec: ClusterSpec, show_progress: bool = False) -> EngineConfig:
     layouts = plan_layout(spec, show_progress)
+    draft, _, mode, defaulted = spec.chosen()
     return EngineConfig(
-        model=spec.model, draft=spec.draft, num_stages=len(layouts), dtype=spec.dtype, device=spec.device,
+        model=spec.model, draft=draft, num_stages=len(layouts), dtype=spec.dtype, device=spec.device,
         quantize=spec.quantize, draft_cpus=spec.draft_cpus, draft_resources=dict(spec.draft_resources),
         draft_stage=spec.draft_stage,
         transport=spec.transport, ray_address=spec.ray.address, kv_budget_bytes=spec.kv_budget_bytes,
         stage_plans=tuple(layout.plan for layout in layouts),
         placement_strategy="STRICT_SPREAD" if spec.ray.placement == "spread" else "PACK",
-        speculation=spec.speculation.to_config(),
+        speculation=spec.speculation.to_config(mode), defaulted=defaulted,
     )
 
 
 def plan(spec_path: str) -> str:
     spec = load_spec(spec_path)
-    return f"{spec.name}: {spec.model}, draft {spec.draft}, {spec.transport} transport\n" + \
+    draft, _, mode, _ = spec.chosen()
+    return f"{spec.name}: {spec.model}, draft {draft}, mode {mode.value}, {spec.transport} transport\n" + \
         format_layout(plan_layout(spec, show_progress=True))
 
 

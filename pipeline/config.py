@@ -13,12 +13,58 @@ from draft_models.spec import parse_draft
 from pipeline.partition import StagePlan
 from pipeline.sim_profiles import get_profile
 from pipeline.speculation import SpeculationConfig
+from pipeline.types import Mode
 
 TRANSPORTS = ("local", "ray", "mpi")
 
 
 @dataclass(frozen=True, slots=True)
+class Defaulted:
+    """A setting the user left out: what the defaults chose, and why."""
+
+    setting: str
+    value: str
+    why: str
+
+
+# What the defaults choose (choose_defaults), measured with `pipeinfer bench`
+# on the 2-core CPU machine this project is built on, default model, 64
+# tokens, c=1 (README, "What runs when you pass no flags"). Not measured on a GPU.
+DEFAULT_DRAFT = "auto"
+WHY_DRAFT = ("speculation where it pays: the n-gram lookup where the text copies itself, the model's shipped head "
+             "elsewhere (ngram alone for a model without one); each source judged by its own record, and "
+             "speculation turns itself off where guesses fail")
+WHY_ONE_STAGE = ("one stage: on one machine a split adds hops and leaves each stage fewer cores (2 local stages "
+                 "0.78x one, ar); pass --stages N to split a model over machines")
+WHY_SYNC = ("sync: with one stage there is no pipeline to keep full, and a run in flight beside another only "
+            "competes for its cores")
+WHY_PIPEINFER = "pipeinfer: continuous speculation keeps every stage of the pipeline busy"
+WHY_AR = "ar: no draft to speculate with"
+
+
+def choose_defaults(draft: str | None, num_stages: int | None,
+                    mode: Mode | None) -> tuple[str, int, Mode, tuple[Defaulted, ...]]:
+    """The draft, stage count and mode, each the user's where given (None
+    where not), else what measured best (above); with what was chosen."""
+    chosen = []
+    if draft is None:
+        draft = DEFAULT_DRAFT
+        chosen.append(Defaulted("draft", draft, WHY_DRAFT))
+    if num_stages is None:
+        num_stages = 1
+        chosen.append(Defaulted("stages", "1", WHY_ONE_STAGE))
+    if mode is None:
+        mode, why = ((Mode.AR, WHY_AR) if parse_draft(draft).kind == "none" else
+                     (Mode.SYNC, WHY_SYNC) if num_stages == 1 else (Mode.PIPEINFER, WHY_PIPEINFER))
+        chosen.append(Defaulted("mode", mode.value, why))
+    return draft, num_stages, mode, tuple(chosen)
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
+    """Every setting explicit (a library caller's, a test's); what a user who
+    leaves the draft, stages or mode out gets is choose_defaults' to say."""
+
     model: str = "default"
     draft: str = "none"
     num_stages: int = 1
@@ -42,6 +88,7 @@ class EngineConfig:
     # A sim_profiles name: the real model computes the tokens in simulated time
     # on the cluster the profile describes (its stage count wins).
     simulate: str | None = None
+    defaulted: tuple[Defaulted, ...] = ()  # the settings above the defaults chose (choose_defaults), for /health
 
     def plans(self, model_dir: Path) -> tuple[StagePlan, ...]:
         """The stages' layer ranges: the explicit ones, or a split balancing

@@ -52,6 +52,7 @@ class Engine:
                  *, stall_timeout_s: float = STALL_TIMEOUT_S, tail_drafting: bool = False) -> None:
         """tail_drafting: the last stage runs a draft head and returns its guesses with each result."""
         self.model_dir = Path(model_dir)
+        self.config: EngineConfig | None = None  # what Engine.load assembled it from (`auto` made concrete)
         self.model_config = load_config(model_dir)
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.model_config)
@@ -74,6 +75,7 @@ class Engine:
         except BaseException:
             transport.close()  # stages, and the private Ray they run on
             raise
+        engine.config = config
         stats = engine.stage_stats()  # (MPI ranks report theirs with their first heartbeat: maybe none yet)
         weights = plans[0].quantize
         if stats:
@@ -82,7 +84,18 @@ class Engine:
         log.info("engine ready: %s, %d %s stage(s) %s, weights %s, draft %s (%s), mode %s", model_dir, len(plans),
                  config.transport, [(p.layer_start, p.layer_end) for p in plans], weights, config.draft,
                  engine.draft_where()["runs_on"], config.speculation.mode.value)
+        for chosen in config.defaulted:
+            log.info("by default, %s %s: %s", chosen.setting, chosen.value, chosen.why)
         return engine
+
+    def configuration(self) -> dict:
+        """What runs and what the defaults chose, for /health."""
+        config = self.config
+        if config is None:
+            return {}
+        return {"draft": config.draft, "stages": self.transport.num_stages, "mode": config.speculation.mode.value,
+                "transport": config.transport,
+                "defaults": [dataclasses.asdict(chosen) for chosen in config.defaulted]}
 
     @property
     def stages(self) -> list[Stage]:

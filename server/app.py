@@ -84,7 +84,9 @@ def create_app(host: EngineHost, settings: ServerSettings) -> FastAPI:
         state = await asyncio.to_thread(lambda: host.state)
         stages = await asyncio.to_thread(_stage_stats_or_none, host)
         draft = host.engine.draft_where() if host.engine is not None else None
-        body = Health(status=state, stages=stages, draft=draft, detail=host.failure and host.failure.message)
+        config = host.engine.configuration() if host.engine is not None else None
+        body = Health(status=state, stages=stages, draft=draft, config=config,
+                      detail=host.failure and host.failure.message)
         return JSONResponse(body.model_dump(), status_code=200 if state == "ok" else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -234,4 +234,7 @@ class Health(BaseModel):
     status: Literal["ok", "loading", "unhealthy", "failed"]
     stages: list[dict[str, Any]] = Field(default_factory=list)
     draft: dict[str, Any] | None = None  # where the draft runs: {"runs_on": ..., "node_id": ..., ...}
+    # What runs (draft, stages, mode, transport) and, under "defaults", each of
+    # them the user left out: what the defaults chose and why.
+    config: dict[str, Any] | None = None
     detail: str | None = None

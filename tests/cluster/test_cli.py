@@ -90,3 +90,22 @@ def test_building_the_parser_imports_no_torch():
             "print(heavy); sys.exit(1 if heavy else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args,expected,chosen", [
+    ([], ("auto", 1, "sync"), ["draft", "stages", "mode"]),
+    (["--stages", "2"], ("auto", 2, "pipeinfer"), ["draft", "mode"]),
+    (["--draft", "none"], ("none", 1, "ar"), ["stages", "mode"]),
+    (["--draft", "ngram", "--stages", "2", "--mode", "sync"], ("ngram", 2, "sync"), []),
+    (["--draft", "none", "--mode", "pipeinfer"], ("none", 1, "pipeinfer"), ["stages"]),  # exactly the flags passed
+])
+def test_what_the_user_leaves_out_the_defaults_choose_and_say_why(args, expected, chosen):
+    """serve and generate with no draft, stage or mode flags: the measured
+    best (pipeline/config.py: choose_defaults); a flag passed is kept as is."""
+    from cluster.cli import _engine_config, _parser
+
+    for command in (["serve"], ["generate", "--prompt", "hi"]):
+        config = _engine_config(_parser().parse_args([*command, *args]))
+        assert (config.draft, config.num_stages, config.speculation.mode.value) == expected
+        assert [d.setting for d in config.defaulted] == chosen
+        assert all(d.why for d in config.defaulted)

@@ -13,6 +13,7 @@ from compute.model_source import gguf_source
 from draft_models import DraftSpecError
 from draft_models.spec import DRAFT_KINDS
 from pipeline.partition import balanced_ranges, model_costs
+from pipeline.types import Mode
 from tests.compute.test_stage_model import full_model_bytes
 from tests.helpers import make_tiny_head
 
@@ -27,8 +28,19 @@ def write(tmp_path, text: str) -> Path:
 
 def test_two_lines_are_enough(tmp_path):
     spec = load_spec(write(tmp_path, "model: default\nstages: 2\n"))
-    assert spec.transport == "ray" and spec.speculation.mode.value == "pipeinfer"
+    draft, _, mode, defaulted = spec.chosen()  # several stages, no draft or mode: speculate, continuously
+    assert spec.transport == "ray" and (draft, mode.value) == ("auto", "pipeinfer")
+    assert [d.setting for d in defaulted] == ["draft", "mode"]
     assert len(spec.stage_list()) == 2 and spec.gateway.host == "127.0.0.1" and spec.gateway.port == 8000
+
+
+def test_a_spec_with_no_draft_stages_or_mode_gets_the_measured_best(tmp_path, tiny_text_model):
+    """What `up` serves: the defaults' choice, and each choice with its reason (for /health)."""
+    config = engine_config(load_spec(write(tmp_path, f"model: {tiny_text_model}\ntransport: local\n")))
+    assert (config.draft, config.num_stages, config.speculation.mode.value) == ("auto", 1, "sync")
+    assert [(d.setting, d.value) for d in config.defaulted] == [("draft", "auto"), ("stages", "1"), ("mode", "sync")]
+    explicit = load_spec(write(tmp_path, "draft: ngram\nstages: 2\nspeculation:\n  mode: ar\n"))
+    assert explicit.chosen()[:3] == ("ngram", 2, Mode.AR) and explicit.chosen()[3] == ()
 
 
 @pytest.mark.parametrize("name", ["local.yaml", "multi-node.yaml"])

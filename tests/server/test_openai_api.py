@@ -132,3 +132,28 @@ def test_default_model_over_http_equals_greedy(default_model, tokenizer, mode):
             model=name, messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=20, temperature=0)
         assert "Paris" in chat.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_serve_with_no_flags_speculates_and_says_why(default_model, tokenizer):
+    """`pipeinfer serve` as the README's first command starts it: the
+    defaults' draft, stages and mode, named with their reasons in /health
+    and the startup log; guesses accepted on a prompt whose answer copies
+    it; the target's greedy text."""
+    import httpx
+
+    with ServerProcess() as server:
+        config = httpx.get(server.url + "/health", timeout=30).json()["config"]
+        assert (config["draft"], config["stages"], config["mode"]) == ("ngram+head:default", 1, "sync")
+        assert [d["setting"] for d in config["defaults"]] == ["draft", "stages", "mode"]
+        assert all(d["why"] for d in config["defaults"])
+        prompt = "Repeat exactly: the quick brown fox jumps over the lazy dog, the quick brown fox jumps over"
+        result = client_for(server).completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=24,
+                                                       temperature=0)
+        expected, _ = greedy_text(default_model, tokenizer, tokenizer.encode(prompt), 24)
+        assert result.choices[0].text == expected
+        metrics = httpx.get(server.url + "/metrics", timeout=30).text
+        accepted = [line for line in metrics.splitlines()
+                    if line.startswith("pipeinfer:spec_decode_num_accepted_tokens_total")]
+        assert accepted and float(accepted[0].split()[-1]) > 0, metrics
+    assert "by default, draft auto: " in server.log() and "by default, mode sync: " in server.log()
