@@ -373,9 +373,11 @@ class RayTransport(Transport):
         elif self._on_result is not None:
             self._on_result(delivery)
 
-    def _wire(self, to_serve) -> None:
+    def _wire(self, to_serve, reset: bool = False) -> None:
         """Every stage linked to the next and back to us, and the stages
-        `to_serve` (all at first; then the restarted ones) serving."""
+        `to_serve` (all at first; then the restarted ones) serving. reset:
+        every stage forgets every sequence first (a RESET sent before any
+        run can be: one sent after would wipe a new request's KV)."""
         addresses = ray.get([a.address.remote() for a in self.actors], timeout=PLACEMENT_TIMEOUT_S)
         ray.get([actor.connect.remote(addresses[i + 1] if i + 1 < self.num_stages else None, self._results.address)
                  for i, actor in enumerate(self.actors)], timeout=PLACEMENT_TIMEOUT_S)
@@ -384,6 +386,8 @@ class RayTransport(Transport):
             old.close()
         for index in to_serve:
             self._serving[self.actors[index].serve.remote()] = index
+        if reset:
+            self._to_first.send(RESET)
         self._up.set()
 
     def _watch(self) -> None:
@@ -410,8 +414,7 @@ class RayTransport(Transport):
         while not self._closed:
             try:
                 ray.get(self.actors[index].stats.remote(), timeout=5)  # restarted, with its weights
-                self._wire([index])
-                self._send(RESET)
+                self._wire([index], reset=True)
                 return
             except (RayError, TimeoutError, OSError):
                 time.sleep(0.5)  # not back yet (or gone for good: is_alive says so)

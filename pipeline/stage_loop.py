@@ -33,7 +33,8 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.stage import Stage, stage_failure
+from compute.types import Failure, FailureCode
+from pipeline.stage import Stage, failed, stage_failure
 from pipeline.types import Delivery, KVOp, Ping, Run, RunResult
 
 log = logging.getLogger(__name__)
@@ -116,9 +117,11 @@ class StageLoop:
             elif out is not None:  # (None: cancelled)
                 onward.append((run, out))
         if onward and not self._pass_on(onward):
-            for run, _ in onward:  # the next stage is gone: these runs' requests fail now, not at a timeout
-                self._send_back(stage_failure(run, self.stage.stage_index,
-                                              ConnectionError(f"stage {self.stage.stage_index + 1} is unreachable")))
+            # The next stage is gone (its process died): these runs' requests fail now, not at a
+            # timeout, as a stage down (503, worth a retry once it is restarted), not an internal error.
+            down = Failure(FailureCode.STAGE_DOWN, f"stage {self.stage.stage_index + 1} is unreachable")
+            for run, _ in onward:
+                self._send_back(failed(run, down))
 
     def _kv_op(self, op: KVOp) -> None:
         try:

@@ -83,7 +83,9 @@ def test_private_ray_restarts_a_killed_stage_and_leaves_nothing(tiny_text_model)
         assert stages(server)[1]["pid"] != victim
         prompt = "The capital of France is"
         body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
-        text = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        answer = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+        assert "choices" in answer, answer
+        text = answer["choices"][0]["text"]
         tokenizer = AutoTokenizer.from_pretrained(tiny_text_model)
         assert text == tokenizer.decode(greedy_reference(tiny_text_model, tokenizer.encode(prompt), 12))
 

@@ -53,3 +53,23 @@ def test_a_kv_op_of_a_sequence_in_the_batch_waits_for_its_runs(tiny_target):
     assert stage.counters.num_forwards == 2  # the run, then the free, then the other run
     assert [type(m).__name__ for m in sent_on] == ["list", "FreeSequence", "list", "str"]
     assert stage.kv.sequences.keys() == {1}
+
+
+def test_runs_the_next_stage_cannot_take_fail_as_a_stage_down(tiny_target):
+    """The next stage's process died (its link refuses): the runs' requests
+    fail at once with stage_down (503, worth a retry once it is back), not
+    as an internal error."""
+    from compute.types import FailureCode
+
+    model = StageModel.load(tiny_target, 0, 2, with_embed=True, with_head=False)
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    for message in [[(CHAIN[0], None)], STOP]:
+        inbox.put(message)
+
+    def refuse(message):
+        raise ConnectionResetError("peer gone")
+
+    sent_back = []
+    StageLoop(Stage(model, stage_index=0), lambda: every_message(inbox), refuse, sent_back.append).run()
+    assert [(r.run_id, r.failure.code) for r in sent_back] == [(1, FailureCode.STAGE_DOWN)]
+    assert "stage 1 is unreachable" in sent_back[0].failure.message
