@@ -355,9 +355,12 @@ class Coordinator:
         chain_value = seq.chain_value
         value, taken = 1.0, []
         depth = seq.streak + seq.num_guesses_in_flight
+        bars: dict[str, tuple[float, float]] = {}  # per source, once a launch (not once a guess)
         for guess in list(seq.pending)[: self._budget(seq, self.config.draft_len)]:
             depth += 1
-            run_bar, token_bar = self._bars(guess.source)
+            if guess.source not in bars:
+                bars[guess.source] = self._bars(guess.source)
+            run_bar, token_bar = bars[guess.source]
             p = seq.acceptance.probability(guess.confidence, depth, guess.source)
             if chain_value * value * p < (run_bar if seq.chain and not taken and not rides else token_bar):
                 break

@@ -47,6 +47,7 @@ TAG_WORK, TAG_RESULT, TAG_CONTROL, TAG_DRAFT = 1, 2, 3, 4
 STOPPED = "stopped"
 ACTIVE_POLL_S, IDLE_POLL_S = 0.00005, 0.0005  # between looks while messages flow / once idle
 ACTIVE_WINDOW_S = 0.05  # messages flow: one came this recently
+HEARTBEAT_S = 1.0  # a computing stage tells rank 0 it progresses at most this often
 
 
 class Poll:
@@ -64,7 +65,6 @@ class Poll:
 
     def wait(self) -> None:
         time.sleep(ACTIVE_POLL_S if time.monotonic() - self._heard_at < ACTIVE_WINDOW_S else IDLE_POLL_S)
-HEARTBEAT_S = 1.0  # a computing stage tells rank 0 it progresses at most this often
 
 
 def _comm():
