@@ -33,12 +33,20 @@ def stages(server) -> list[dict]:
     return httpx.get(server.url + "/health", timeout=30).json()["stages"]
 
 
-def private_ray_dirs() -> set[Path]:
-    return set(Path("/tmp").glob("pipeinfer-ray-*"))
+def private_ray_dirs(processes: list[psutil.Process]) -> set[Path]:
+    """The private Ray directories these processes name on their command
+    lines (the server's reaper and Ray's own do): theirs alone, not those of
+    a test running beside this one on another worker."""
+    lines = []
+    for process in processes:
+        try:
+            lines.append(" ".join(process.cmdline()))
+        except psutil.Error:
+            pass
+    return {d for d in Path("/tmp").glob("pipeinfer-ray-*") if any(str(d) in line for line in lines)}
 
 
 def test_private_ray_restarts_a_killed_stage_and_leaves_nothing(tiny_text_model):
-    before = private_ray_dirs()
     with ServerProcess("--model", str(tiny_text_model), "--served-model-name", "tiny", "--stages", "2",
                        "--transport", "ray", "--shutdown-grace", "2") as server:
         tree = process_tree(server.proc.pid)  # recorded at startup: orphans would be re-parented later
@@ -90,7 +98,7 @@ def test_private_ray_restarts_a_killed_stage_and_leaves_nothing(tiny_text_model)
         assert text == tokenizer.decode(greedy_reference(tiny_text_model, tokenizer.encode(prompt), 12))
 
         everything = tree + process_tree(server.proc.pid)  # the restarted actor too
-        ray_dirs = private_ray_dirs() - before
+        ray_dirs = private_ray_dirs(everything)
         assert ray_dirs
         server.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -103,11 +111,10 @@ def test_a_second_signal_exits_at_once_and_the_reaper_still_cleans_up(tiny_text_
     """SIGINT twice (an impatient Ctrl-C) while a stream holds the grace
     period open: the server exits at once, without its own cleanup; the
     reaper it started removes the private Ray within 10 s."""
-    before = private_ray_dirs()
     with ServerProcess("--model", str(tiny_text_model), "--served-model-name", "tiny", "--stages", "2",
                        "--transport", "ray") as server:
         everything = process_tree(server.proc.pid)
-        ray_dirs = private_ray_dirs() - before
+        ray_dirs = private_ray_dirs(everything)
         assert {"gcs_server", "raylet"} <= {p.name() for p in everything} and ray_dirs
         streaming = threading.Event()
 
